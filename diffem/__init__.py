@@ -1,0 +1,38 @@
+"""diffem: learning diffusion priors from corrupted observations by expectation-maximization.
+
+A reproduction of Rozet et al., "Learning Diffusion Priors from Observations by
+Expectation Maximization", NeurIPS 2024 (arXiv:2405.13712), on PyTorch and diffusers.
+"""
+
+from .denoiser import Denoiser
+from .gaussian import GaussianPrior, fit_gaussian_em
+from .linalg import conjugate_gradient
+from .networks import MLP, build_unet, unet_config
+from .operators import GaussianObservation, Identity, Mask, Projection, SubsampledFourier
+from .pipeline import DiffusionPriorPipeline, DiffusionPriorPipelineOutput
+from .posterior import MMPSDenoiser
+from .sampling import sample, sample_posterior
+from .scheduler import VEScheduler
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Denoiser",
+    "DiffusionPriorPipeline",
+    "DiffusionPriorPipelineOutput",
+    "GaussianObservation",
+    "GaussianPrior",
+    "Identity",
+    "MLP",
+    "MMPSDenoiser",
+    "Mask",
+    "Projection",
+    "SubsampledFourier",
+    "VEScheduler",
+    "build_unet",
+    "conjugate_gradient",
+    "fit_gaussian_em",
+    "sample",
+    "sample_posterior",
+    "unet_config",
+]

@@ -1,0 +1,121 @@
+"""The ``diffem`` command.
+
+    diffem train <experiment> [--profile P] [--config FILE] [--output-dir DIR] [--set key=value ...] [--dry-run]
+    diffem evaluate <run_dir> [--lap K] [--samples N]
+    diffem setup-inception
+
+``train`` runs (or resumes) EM; launch it with ``accelerate launch -m diffem.cli train ...``
+for several processes or GPUs. ``--dry-run`` prints the resolved configuration and exits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import yaml
+
+from .config import ConfigError, config_to_dict, load_config
+
+__all__ = ["main"]
+
+
+def _default_profile() -> str:
+    try:
+        import torch
+
+        return "paper" if torch.cuda.is_available() else "cpu"
+    except ImportError:  # pragma: no cover
+        return "cpu"
+
+
+def _train(args) -> int:
+    config = load_config(args.experiment, args.profile or _default_profile(), path=args.config, overrides=args.set)
+    if args.output_dir:
+        config.output_dir = args.output_dir
+    # Experiment-specific options are checked here too, before any work.
+    from .tasks import get_task
+
+    get_task(config)
+    if args.dry_run:
+        print(yaml.safe_dump(config_to_dict(config) | {"run_dir": str(config.run_dir)}, sort_keys=False), end="")
+        return 0
+    from .em import run_em
+
+    run_em(config, progress=not args.no_progress)
+    return 0
+
+
+def _evaluate(args) -> int:
+    from pathlib import Path
+
+    from accelerate import Accelerator
+
+    from .config import _from_dict, EMConfig
+    from .em import EMTrainer
+
+    run_dir = Path(args.run_dir)
+    if not (run_dir / "config.yaml").exists():
+        raise ConfigError(f"`{run_dir}` is not a run folder (no config.yaml)")
+    config = _from_dict(EMConfig, yaml.safe_load((run_dir / "config.yaml").read_text())).validate()
+    config.output_dir = str(run_dir)
+    if args.samples is not None:
+        config.eval.samples = args.samples
+    trainer = EMTrainer(config, Accelerator())
+    done = trainer.laps_done()
+    if not done:
+        raise FileNotFoundError(f"`{run_dir}` has no finished lap (no lap_KK/ checkpoint) to evaluate")
+    lap = done[-1] if args.lap is None else args.lap
+    if lap not in done:
+        raise FileNotFoundError(f"lap {lap} of `{run_dir}` has no checkpoint (finished laps: {done})")
+    from .random import derive_seed
+
+    pipe = trainer.load_lap(lap)
+    metrics = trainer.task.evaluate(pipe, lap, derive_seed(config.seed, 4))
+    print(json.dumps({"lap": lap} | metrics))
+    return 0
+
+
+def _setup_inception(args) -> int:
+    from .metrics import setup_inception
+
+    print(setup_inception())
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="diffem", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="run or resume an EM experiment")
+    train.add_argument("experiment", nargs="?", help="experiment name (experiments/<name>/)")
+    train.add_argument("--profile", default=None, help="config profile (default: paper with CUDA, else cpu)")
+    train.add_argument("--config", default=None, help="explicit YAML config file")
+    train.add_argument("--output-dir", default=None)
+    train.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides, e.g. mstep.lr=1e-3")
+    train.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    train.add_argument("--no-progress", action="store_true")
+    train.set_defaults(func=_train)
+
+    evaluate = sub.add_parser("evaluate", help="evaluate a finished lap of a run")
+    evaluate.add_argument("run_dir")
+    evaluate.add_argument("--lap", type=int, default=None)
+    evaluate.add_argument("--samples", type=int, default=None)
+    evaluate.set_defaults(func=_evaluate)
+
+    setup = sub.add_parser("setup-inception", help="convert the offline FID Inception weights")
+    setup.set_defaults(func=_setup_inception)
+
+    args = parser.parse_args(argv)
+    if args.command == "train" and args.experiment is None and args.config is None:
+        parser.error("give an experiment name or --config")
+    try:
+        return args.func(args)
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"diffem: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

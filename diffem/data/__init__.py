@@ -1,0 +1,1 @@
+"""Data loaders, corruption models and observation datasets for the diffem experiments."""

@@ -1,0 +1,356 @@
+r"""Gaussian prior with low-rank-plus-diagonal covariance (the lap-0 prior).
+
+The prior is :math:`q(x) = \mathcal{N}(x \mid \mu, \Sigma)` with
+
+.. math:: \Sigma = D I + U U^T, \qquad D \ge 0, \; U \in \mathbb{R}^{d \times r},
+
+the probabilistic PCA form (Tipping & Bishop, 1999). For :math:`x_t = x + \sigma z`
+its denoiser is exact and linear,
+
+.. math:: \mathbb{E}[x \mid x_t] = x_t - \sigma^2 (\Sigma + \sigma^2 I)^{-1} (x_t - \mu),
+
+evaluated in :math:`O(d r)` with the Woodbury identity. For linear-Gaussian
+observations :math:`y = A x + e`, :math:`e \sim \mathcal{N}(0, \sigma_y^2 I)`, the
+posterior is Gaussian with
+
+.. math::
+    K = A \Sigma A^T + \sigma_y^2 I, \quad
+    \mathbb{E}[x \mid y] = \mu + \Sigma A^T K^{-1} (y - A \mu), \quad
+    \mathbb{V}[x \mid y] = \Sigma - \Sigma A^T K^{-1} A \Sigma,
+
+and the evidence is :math:`q(y) = \mathcal{N}(y \mid A \mu, K)`. Fitting the prior to
+observations alone by EM (E-step: posteriors; M-step: PPCA of the posterior
+moments or samples) is the lap 0 of Rozet et al. (2024), Section 4.
+
+References:
+    Tipping & Bishop, "Probabilistic principal component analysis", 1999.
+    Rozet et al., arXiv:2405.13712, Section 4 and Appendix C.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+from diffusers import ConfigMixin, ModelMixin
+from diffusers.configuration_utils import register_to_config
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from .operators import LinearOperator, _check_noise_std, check_batch, check_finite
+
+__all__ = ["GaussianPrior", "operator_matrix", "fit_gaussian_em"]
+
+
+def _sigma_vector(sigma, batch: int, like: Tensor) -> Tensor:
+    """Validate ``sigma`` (float, 0-d or (B,) tensor, > 0) and return it as ``(B,)``."""
+    sigma = torch.as_tensor(sigma, dtype=like.dtype, device=like.device)
+    if sigma.dim() == 0:
+        sigma = sigma.expand(batch)
+    elif sigma.shape != (batch,):
+        raise ValueError(f"`sigma` must be a scalar or have shape ({batch},), got {tuple(sigma.shape)}")
+    if not (sigma > 0).all():
+        raise ValueError("`sigma` must be > 0")
+    return sigma
+
+
+def operator_matrix(operator: LinearOperator, in_shape: Sequence[int], dtype=torch.float64) -> Tensor:
+    """The dense matrix of a batched operator, ``(B, m, d)`` (or ``(m, d)`` for batch shape ``()``).
+
+    Built column by column by applying ``operator`` to the canonical basis: meant for
+    small ``d`` (tests, the manifold experiment), not for images.
+    """
+    in_shape = tuple(in_shape)
+    d = math.prod(in_shape)
+    batch = tuple(operator.batch_shape)
+    basis = torch.eye(d, dtype=dtype)
+    columns = []
+    for j in range(d):
+        e = basis[j].reshape(in_shape).expand(*batch, *in_shape)
+        columns.append(operator(e).reshape(*batch, -1))
+    return torch.stack(columns, dim=-1)
+
+
+class GaussianPrior(ModelMixin, ConfigMixin):
+    r"""Gaussian prior :math:`\mathcal{N}(\mu, D I + U U^T)` over events of shape ``event_shape``.
+
+    It is also an exact denoiser: ``prior(x_t, sigma)`` returns :math:`\mathbb{E}[x \mid x_t]`,
+    so it can stand wherever a learned :class:`~diffem.denoiser.Denoiser` stands
+    (MMPS, samplers, pipelines), and it saves / loads with diffusers'
+    ``save_pretrained`` / ``from_pretrained``.
+
+    Arguments:
+        event_shape: The shape of one sample, e.g. ``(5,)`` or ``(3, 32, 32)``.
+        rank: The number of columns ``r`` of ``U`` (``0 <= r <= d``).
+
+    Buffers:
+        mean: ``(d,)``; factor: ``U``, ``(d, r)``; diag: ``D``, a 0-d tensor ``>= 0``.
+        Initialised to the standard normal :math:`\mathcal{N}(0, I)`.
+    """
+
+    @register_to_config
+    def __init__(self, event_shape: Sequence[int] = (1,), rank: int = 0):
+        super().__init__()
+        d = math.prod(event_shape)
+        if not 0 <= rank <= d:
+            raise ValueError(f"`rank` must be in [0, {d}], got {rank}")
+        self.event_shape = tuple(event_shape)
+        self.features = d
+        self.register_buffer("mean", torch.zeros(d))
+        self.register_buffer("factor", torch.zeros(d, rank))
+        self.register_buffer("diag", torch.ones(()))
+
+    # -- construction ------------------------------------------------------------------
+    @classmethod
+    def from_parameters(cls, mean: Tensor, factor: Tensor, diag, event_shape=None) -> "GaussianPrior":
+        """A prior from ``mean`` ``(d,)``, ``factor`` ``(d, r)`` and ``diag`` (``D >= 0``)."""
+        if mean.dim() != 1:
+            raise ValueError(f"`mean` must have shape (d,), got {tuple(mean.shape)}")
+        if factor.dim() != 2 or factor.shape[0] != mean.shape[0]:
+            raise ValueError(f"`factor` must have shape ({mean.shape[0]}, r), got {tuple(factor.shape)}")
+        diag = torch.as_tensor(diag, dtype=mean.dtype)
+        if diag.dim() != 0 or diag < 0:
+            raise ValueError(f"`diag` must be a scalar >= 0, got {diag}")
+        event_shape = tuple(event_shape) if event_shape is not None else (mean.shape[0],)
+        prior = cls(event_shape=event_shape, rank=factor.shape[1])
+        prior.mean = mean.detach().clone()
+        prior.factor = factor.detach().clone()
+        prior.diag = diag.detach().clone().to(mean.device)
+        return prior
+
+    @classmethod
+    def from_moments(cls, mean: Tensor, covariance: Tensor, rank: int, event_shape=None) -> "GaussianPrior":
+        r"""Maximum-likelihood PPCA from a mean ``(d,)`` and a scatter matrix ``(d, d)``.
+
+        With eigenpairs :math:`(\lambda_i, v_i)` of the scatter matrix in decreasing order,
+        :math:`D = \text{mean}(\lambda_{r+1:d})` (0 when ``rank == d``) and
+        :math:`U = V_r \, \text{diag}(\max(\lambda_{1:r} - D, 0))^{1/2}`
+        (Tipping & Bishop 1999, eq. 7-8). It maximises :math:`\mathbb{E}[\log q(x)]`
+        for any distribution of ``x`` with these first two moments.
+        """
+        d = mean.shape[0]
+        if covariance.shape != (d, d):
+            raise ValueError(f"`covariance` must have shape ({d}, {d}), got {tuple(covariance.shape)}")
+        if not 0 <= rank <= d:
+            raise ValueError(f"`rank` must be in [0, {d}], got {rank}")
+        covariance = (covariance + covariance.mT) / 2
+        eigval, eigvec = torch.linalg.eigh(covariance)
+        eigval, eigvec = eigval.flip(0).clamp_min(0), eigvec.flip(1)
+        diag = eigval[rank:].mean() if rank < d else eigval.new_zeros(())
+        factor = eigvec[:, :rank] * (eigval[:rank] - diag).clamp_min(0).sqrt()
+        return cls.from_parameters(mean, factor, diag, event_shape)
+
+    @classmethod
+    def fit(cls, x: Tensor, rank: int) -> "GaussianPrior":
+        """PPCA fit from samples ``x`` of shape ``(N, *event_shape)``, ``N >= 2``.
+
+        For large ``d`` (images) the ``(d, d)`` scatter matrix is replaced by the top
+        ``rank`` singular vectors of the centred data (same result, less memory).
+        """
+        if x.dim() < 2 or x.shape[0] < 2:
+            raise ValueError(f"`x` must have shape (N >= 2, *event_shape), got {tuple(x.shape)}")
+        check_finite("x", x)
+        event_shape = tuple(x.shape[1:])
+        flat = x.flatten(1)
+        n, d = flat.shape
+        mean = flat.mean(dim=0)
+        centred = flat - mean
+        if d <= 4096:
+            return cls.from_moments(mean, centred.mT @ centred / n, rank, event_shape)
+        # Top-r eigenpairs of the scatter from the thin SVD; D from the remaining trace.
+        _, s, vh = torch.linalg.svd(centred, full_matrices=False)
+        eigval = s.square() / n
+        total = eigval.sum()
+        diag = (total - eigval[:rank].sum()) / max(d - rank, 1)
+        factor = vh[:rank].mT * (eigval[:rank] - diag).clamp_min(0).sqrt()
+        return cls.from_parameters(mean, factor, diag, event_shape)
+
+    # -- moments --------------------------------------------------------------------------
+    def covariance(self) -> Tensor:
+        """The dense covariance :math:`D I + U U^T`, ``(d, d)`` (small ``d`` only)."""
+        eye = torch.eye(self.features, dtype=self.mean.dtype, device=self.mean.device)
+        return self.diag * eye + self.factor @ self.factor.mT
+
+    def sample(self, n: int, generator: torch.Generator) -> Tensor:
+        """Draw ``n`` samples, ``(n, *event_shape)``, with an explicit ``generator``."""
+        if generator is None:
+            raise ValueError("`generator` is required: pass a seeded torch.Generator")
+        dev = generator.device
+        z = torch.randn(n, self.features, generator=generator, device=dev, dtype=self.mean.dtype)
+        w = torch.randn(n, self.factor.shape[1], generator=generator, device=dev, dtype=self.mean.dtype)
+        x = self.mean + self.diag.sqrt() * z.to(self.mean.device) + w.to(self.mean.device) @ self.factor.mT
+        return x.reshape(n, *self.event_shape)
+
+    # -- denoiser -----------------------------------------------------------------------------
+    def forward(self, x_t: Tensor, sigma) -> Tensor:
+        r"""Exact denoiser :math:`\mathbb{E}[x \mid x_t]` for :math:`x_t = x + \sigma z`.
+
+        Arguments:
+            x_t: Noisy samples, ``(B, *event_shape)``.
+            sigma: Noise levels in data units, a float or a tensor of shape ``()`` or ``(B,)``, > 0.
+
+        Returns:
+            ``(B, *event_shape)``. Differentiable in ``x_t`` (it is linear), so MMPS can
+            take its vector-Jacobian products.
+        """
+        if tuple(x_t.shape[1:]) != self.event_shape:
+            raise ValueError(f"`x_t` must have shape (B, {self.event_shape}), got {tuple(x_t.shape)}")
+        b = x_t.shape[0]
+        s2 = _sigma_vector(sigma, b, x_t).square().to(self.mean.dtype)
+        r = x_t.flatten(1).to(self.mean.dtype) - self.mean
+        return (x_t.flatten(1).to(self.mean.dtype) - s2[:, None] * self._solve(r, s2)).reshape_as(x_t).to(x_t.dtype)
+
+    def _solve(self, r: Tensor, s2: Tensor) -> Tensor:
+        r"""``(\Sigma + s2 I)^{-1} r`` per sample by Woodbury; ``r`` ``(B, d)``, ``s2`` ``(B,)``."""
+        a = self.diag + s2  # (B,)
+        if self.factor.shape[1] == 0:
+            return r / a[:, None]
+        gram = self.factor.mT @ self.factor
+        lam, q = torch.linalg.eigh(gram)
+        w = self.factor @ q  # (d, r), orthogonal columns with squared norms lam
+        coef = (r @ w) / (a[:, None] + lam)
+        return (r - coef @ w.mT) / a[:, None]
+
+    # -- exact posterior and evidence --------------------------------------------------------------
+    def _observation_terms(self, y: Tensor, operator: LinearOperator, noise_std: float):
+        noise_std = _check_noise_std(noise_std)
+        check_finite("y", y)
+        dtype = self.mean.dtype
+        A = operator_matrix(operator, self.event_shape, dtype=dtype).to(self.mean.device)
+        if A.dim() == 2:
+            A = A[None]
+        batch = tuple(operator.batch_shape)
+        expected = batch + operator.output_shape(self.event_shape)
+        if tuple(y.shape) != expected:
+            raise ValueError(f"`y` has shape {tuple(y.shape)}, expected {expected} to match A(x)")
+        yf = y.reshape(A.shape[0], -1).to(dtype)
+        C = self.covariance()
+        K = A @ C @ A.mT + noise_std**2 * torch.eye(A.shape[1], dtype=dtype, device=A.device)
+        return A, yf, C, K
+
+    def posterior(self, y: Tensor, operator: LinearOperator, noise_std: float) -> tuple[Tensor, Tensor]:
+        r"""Exact posterior :math:`q(x \mid y)` for :math:`y = A x + \sigma_y e`.
+
+        Arguments:
+            y: Observations, ``(B, *out_shape)`` (batch shape of ``operator``), finite.
+            operator: The linear operator, batch shape ``(B,)`` or ``()``.
+            noise_std: :math:`\sigma_y > 0`.
+
+        Returns:
+            ``(mean, covariance)`` of shapes ``(B, d)`` and ``(B, d, d)`` (flattened events;
+            without the leading ``B`` when the operator has batch shape ``()``).
+            Dense: for small ``d`` only.
+        """
+        A, yf, C, K = self._observation_terms(y, operator, noise_std)
+        gain = torch.linalg.solve(K, A @ C).mT  # C A^T K^{-1}, (B, d, m)
+        mean = self.mean + (gain @ (yf - (A @ self.mean))[..., None])[..., 0]
+        cov = C - gain @ A @ C
+        cov = (cov + cov.mT) / 2
+        if operator.batch_shape == ():
+            return mean[0], cov[0]
+        return mean, cov
+
+    def log_evidence(self, y: Tensor, operator: LinearOperator, noise_std: float) -> Tensor:
+        r"""Log-evidence :math:`\log \mathcal{N}(y \mid A\mu, A \Sigma A^T + \sigma_y^2 I)` per observation, ``(B,)``."""
+        A, yf, C, K = self._observation_terms(y, operator, noise_std)
+        r = yf - A @ self.mean
+        L = torch.linalg.cholesky(K)
+        z = torch.linalg.solve_triangular(L, r[..., None], upper=False)[..., 0]
+        logdet = 2 * L.diagonal(dim1=-2, dim2=-1).log().sum(-1)
+        out = -0.5 * (z.square().sum(-1) + logdet + A.shape[1] * math.log(2 * math.pi))
+        return out[0] if operator.batch_shape == () else out
+
+
+def fit_gaussian_em(
+    y: Tensor,
+    operator: LinearOperator,
+    noise_std: float,
+    rank: int,
+    iterations: int,
+    event_shape: Sequence[int],
+    estep: str = "exact",
+    generator: torch.Generator | None = None,
+    sampler_steps: int = 64,
+    maxiter: int = 1,
+    batch_size: int = 1024,
+    prior: GaussianPrior | None = None,
+    progress: bool = True,
+    callback=None,
+) -> GaussianPrior:
+    r"""Fit a Gaussian prior to observations only, by expectation-maximization (lap 0).
+
+    Starts from :math:`\mathcal{N}(0, I)` (or ``prior``). Each iteration:
+
+    - ``estep="exact"``: the exact posteriors :math:`\mathcal{N}(m_i, S_i)` (dense; small
+      ``d``); the M-step is PPCA of the expected scatter
+      :math:`\frac{1}{N}\sum_i S_i + (m_i - \mu)(m_i - \mu)^T`. This is exact EM: the
+      log-evidence never decreases.
+    - ``estep="sample"``: one exact posterior sample per observation (dense; small ``d``),
+      then PPCA of the samples (stochastic EM).
+    - ``estep="mmps"``: one posterior sample per observation by MMPS with the prior's exact
+      denoiser and a DDPM sampler of ``sampler_steps`` steps and ``maxiter`` CG
+      iterations (any ``d``: images), then PPCA of the samples.
+
+    Arguments:
+        y: Observations ``(N, *out_shape)``.
+        operator: Operator with batch shape ``(N,)``.
+        noise_std: :math:`\sigma_y > 0`.
+        rank: PPCA rank ``r``.
+        iterations: Number of EM iterations (>= 0).
+        event_shape: Shape of one signal ``x``.
+        generator: Required for the sampling E-steps.
+        callback: Called as ``callback(iteration, prior)`` after each iteration.
+
+    Returns:
+        The fitted :class:`GaussianPrior`.
+
+    References:
+        Dempster, Laird & Rubin 1977; Rozet et al. 2024, Section 4 (lap 0).
+    """
+    if estep not in ("exact", "sample", "mmps"):
+        raise ValueError(f"`estep` must be 'exact', 'sample' or 'mmps', got {estep!r}")
+    if iterations < 0:
+        raise ValueError(f"`iterations` must be >= 0, got {iterations}")
+    check_batch(operator, y.shape[0])
+    if estep != "exact" and generator is None:
+        raise ValueError("`generator` is required for a sampling E-step")
+    event_shape = tuple(event_shape)
+    d = math.prod(event_shape)
+    dtype = torch.float64 if estep != "mmps" else torch.float32
+    if prior is None:
+        prior = GaussianPrior(event_shape=event_shape, rank=min(rank, d)).to(dtype)
+    prior = prior.to(y.device)
+    n = y.shape[0]
+
+    for it in tqdm(range(iterations), desc="lap 0 (Gaussian EM)", disable=not progress):
+        if estep == "exact":
+            means, covs = [], []
+            for i in range(0, n, batch_size):
+                m, S = prior.posterior(y[i : i + batch_size], operator[i : i + batch_size], noise_std)
+                means.append(m)
+                covs.append(S.sum(0))
+            m = torch.cat(means)
+            mu = m.mean(0)
+            centred = m - mu
+            scatter = (sum(covs) + centred.mT @ centred) / n
+            prior = GaussianPrior.from_moments(mu, scatter, rank, event_shape)
+        elif estep == "sample":
+            samples = []
+            for i in range(0, n, batch_size):
+                m, S = prior.posterior(y[i : i + batch_size], operator[i : i + batch_size], noise_std)
+                L = torch.linalg.cholesky(S + 1e-10 * torch.eye(d, dtype=dtype, device=S.device))
+                z = torch.randn(m.shape, generator=generator, dtype=dtype, device=generator.device).to(m.device)
+                samples.append(m + (L @ z[..., None])[..., 0])
+            prior = GaussianPrior.fit(torch.cat(samples).reshape(n, *event_shape), rank)
+        else:
+            from .sampling import sample_posterior
+
+            x = sample_posterior(
+                prior, y, operator, noise_std, event_shape=event_shape, steps=sampler_steps,
+                maxiter=maxiter, generator=generator, batch_size=batch_size, progress=False,
+            )
+            prior = GaussianPrior.fit(x.to(dtype), rank)
+        if callback is not None:
+            callback(it, prior)
+    return prior

@@ -1,0 +1,125 @@
+r"""Backbones of the denoiser: diffusers U-Nets for images, an MLP for vectors.
+
+A backbone maps a preconditioned input and a noise embedding input
+``c_noise = log(sigma)`` (a float tensor of shape ``(B,)``) to the network output
+``F`` of EDM's preconditioning (see :mod:`diffem.denoiser`). Every backbone is a
+diffusers ``ModelMixin`` so that priors save and load with ``save_pretrained`` /
+``from_pretrained`` and publish to the Hugging Face Hub.
+
+References:
+    Karras et al., "Elucidating the Design Space of Diffusion-Based Generative
+    Models" (EDM), arXiv:2206.00364; Rozet et al., arXiv:2405.13712, Appendix C.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+from diffusers import ConfigMixin, ModelMixin, UNet2DModel
+from diffusers.configuration_utils import register_to_config
+from torch import Tensor, nn
+
+__all__ = ["MLP", "unet_config", "build_unet", "UNET_PRESETS"]
+
+
+class MLP(ModelMixin, ConfigMixin):
+    r"""Multi-layer perceptron with a sinusoidal noise embedding, for vector data ``(B, d)``.
+
+    ``h = [x, emb(c_noise)]`` then ``len(hidden_features)`` blocks of
+    ``Linear -> SiLU -> LayerNorm``, then a linear read-out to ``d`` features
+    (the paper's manifold network: 3 hidden layers of 256, SiLU, LayerNorm).
+
+    Arguments:
+        features: The data dimension ``d``.
+        hidden_features: Widths of the hidden layers.
+        emb_features: Size of the sinusoidal embedding of ``c_noise`` (even).
+    """
+
+    @register_to_config
+    def __init__(self, features: int = 5, hidden_features: Sequence[int] = (256, 256, 256), emb_features: int = 64):
+        super().__init__()
+        if emb_features % 2:
+            raise ValueError(f"`emb_features` must be even, got {emb_features}")
+        freqs = torch.exp(torch.linspace(0, math.log(1e3), emb_features // 2))
+        self.register_buffer("freqs", freqs, persistent=False)
+        layers, width = [], features + emb_features
+        for h in hidden_features:
+            layers += [nn.Linear(width, h), nn.SiLU(), nn.LayerNorm(h)]
+            width = h
+        layers.append(nn.Linear(width, features))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: Tensor, c_noise: Tensor) -> Tensor:
+        """``x``: ``(B, d)``; ``c_noise``: ``(B,)`` float. Returns ``(B, d)``."""
+        phase = c_noise[:, None].to(x.dtype) * self.freqs.to(x.dtype)
+        emb = torch.cat((phase.sin(), phase.cos()), dim=-1)
+        return self.net(torch.cat((x, emb), dim=-1))
+
+
+#: Named U-Net sizes. ``paper`` follows the authors' CIFAR-10 U-Net as closely as
+#: ``UNet2DModel`` allows: channels (128, 256, 384), 5 residual blocks per level
+#: (``layers_per_block``), attention at 16x16 with 4 heads, dropout 0.1.
+#: Differences: diffusers' middle block (two resnets at 8x8) is added, its attention
+#: is removed (``add_attention=False``); the up path has ``layers_per_block + 1``
+#: blocks per level; the noise embedding is diffusers' sinusoidal projection of
+#: ``c_noise`` followed by its 2-layer MLP.
+UNET_PRESETS: dict[str, dict] = {
+    "tiny": dict(block_out_channels=(16, 32), layers_per_block=1, attention_levels=(), norm_num_groups=8),
+    "cpu": dict(block_out_channels=(32, 64, 128), layers_per_block=1, attention_levels=(), norm_num_groups=16),
+    "cpu-attn": dict(block_out_channels=(32, 64, 128), layers_per_block=1, attention_levels=(1,), norm_num_groups=16),
+    "paper": dict(block_out_channels=(128, 256, 384), layers_per_block=5, attention_levels=(1,), norm_num_groups=32,
+                  dropout=0.1, heads=4),
+}
+
+
+def unet_config(preset: str = "cpu", sample_size: int = 32, channels: int = 3, **overrides) -> dict:
+    """The ``UNet2DModel`` keyword arguments of a named preset (see :data:`UNET_PRESETS`).
+
+    Arguments:
+        preset: ``"tiny"`` (tests), ``"cpu"`` (~1M parameters, no attention), ``"cpu-attn"``,
+            or ``"paper"``.
+        sample_size: Image height = width.
+        channels: Image channels (input = output).
+        overrides: Any preset key (``block_out_channels``, ``layers_per_block``,
+            ``attention_levels``, ``norm_num_groups``, ``dropout``, ``heads``).
+
+    Raises:
+        ValueError: for an unknown preset or override key.
+    """
+    if preset not in UNET_PRESETS:
+        raise ValueError(f"`preset` must be one of {sorted(UNET_PRESETS)}, got {preset!r}")
+    spec = dict(dropout=0.0, heads=4) | UNET_PRESETS[preset]
+    unknown = set(overrides) - set(spec)
+    if unknown:
+        raise ValueError(f"unknown U-Net option(s) {sorted(unknown)}; expected some of {sorted(spec)}")
+    spec |= overrides
+    channels_ = tuple(spec["block_out_channels"])
+    attn = set(spec["attention_levels"])
+    down = tuple("AttnDownBlock2D" if i in attn else "DownBlock2D" for i in range(len(channels_)))
+    up = tuple("AttnUpBlock2D" if i in attn else "UpBlock2D" for i in reversed(range(len(channels_))))
+    head_dim = channels_[min(attn)] // spec["heads"] if attn else None
+    return dict(
+        sample_size=sample_size,
+        in_channels=channels,
+        out_channels=channels,
+        block_out_channels=channels_,
+        layers_per_block=spec["layers_per_block"],
+        down_block_types=down,
+        up_block_types=up,
+        attention_head_dim=head_dim,
+        add_attention=False,
+        norm_num_groups=spec["norm_num_groups"],
+        dropout=spec["dropout"],
+        time_embedding_type="positional",
+        flip_sin_to_cos=True,
+        freq_shift=0,
+    )
+
+
+def build_unet(preset: str = "cpu", sample_size: int = 32, channels: int = 3, seed: int = 0, **overrides) -> UNet2DModel:
+    """A freshly initialised ``UNet2DModel`` of a preset, initialised from ``seed``."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return UNet2DModel(**unet_config(preset, sample_size, channels, **overrides))

@@ -1,0 +1,350 @@
+r"""Linear observation operators A and the Gaussian observation model.
+
+An observation is
+
+.. math:: y = A x + e, \qquad e \sim \mathcal{N}(0, \sigma_y^2 I)
+
+where the linear operator :math:`A` may differ per observation (a pixel mask per
+image, a k-space mask per MRI slice, a 2x5 projection per manifold point).
+
+Every operator is *batched with per-sample parameters*: its parameters carry a
+batch shape, either ``()`` (one operator) or ``(B,)`` (one operator per
+sample), and the input ``x`` must carry exactly that batch shape. Nothing is
+broadcast silently: a mismatch raises a :class:`ValueError` naming the argument.
+
+Each operator implements the forward map ``A(x)`` and its adjoint ``A.T(y)``,
+with respect to the real Euclidean inner products of the input and output
+spaces, so that :math:`\langle A x, y \rangle = \langle x, A^T y \rangle`.
+
+References:
+    Rozet et al., "Learning Diffusion Priors from Observations by Expectation
+    Maximization", NeurIPS 2024, arXiv:2405.13712, Section 3 and Appendix C.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "LinearOperator",
+    "Identity",
+    "Mask",
+    "Projection",
+    "SubsampledFourier",
+    "GaussianObservation",
+    "check_finite",
+    "check_batch",
+]
+
+
+def check_finite(name: str, x: Tensor) -> None:
+    """Raise a ValueError naming ``name`` if ``x`` holds a NaN or an infinity."""
+    if not torch.is_tensor(x):
+        raise TypeError(f"`{name}` must be a torch.Tensor, got {type(x).__name__}")
+    if not torch.isfinite(x).all():
+        raise ValueError(f"`{name}` contains NaN or inf values")
+
+
+def _check_shape(name: str, x: Tensor, expected: Sequence[int]) -> None:
+    if not torch.is_tensor(x):
+        raise TypeError(f"`{name}` must be a torch.Tensor, got {type(x).__name__}")
+    if tuple(x.shape) != tuple(expected):
+        raise ValueError(f"`{name}` has shape {tuple(x.shape)}, expected {tuple(expected)}")
+
+
+class LinearOperator:
+    r"""A batched linear operator :math:`A : \mathbb{R}^{\text{in}} \to \mathbb{R}^{\text{out}}`.
+
+    Subclasses define ``batch_shape`` (``()`` or ``(B,)``), ``in_shape`` /
+    ``out_shape`` (the event shapes of ``x`` and ``y``, or ``None`` when any
+    event shape is accepted, as for :class:`Identity`), ``_forward`` and
+    ``_adjoint``.
+
+    Calling ``A(x)`` checks that ``x`` has shape ``batch_shape + in_shape``;
+    ``A.T(y)`` checks ``batch_shape + out_shape``.
+    """
+
+    batch_shape: tuple = ()
+    in_shape: tuple | None = None
+    out_shape: tuple | None = None
+
+    # -- to override -------------------------------------------------------------
+    def _forward(self, x: Tensor) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _adjoint(self, y: Tensor) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def parameters(self) -> dict[str, Tensor]:
+        """The per-sample parameters, by name (what a dataset of observations stores)."""
+        return {}
+
+    def _replace(self, **params: Tensor) -> "LinearOperator":
+        return type(self)(**params)
+
+    # -- public API ----------------------------------------------------------------
+    def __call__(self, x: Tensor) -> Tensor:
+        """Apply the operator: ``(*batch, *in_shape) -> (*batch, *out_shape)``."""
+        self._check_input("x", x, self.in_shape)
+        return self._forward(x)
+
+    def T(self, y: Tensor) -> Tensor:
+        """Apply the adjoint: ``(*batch, *out_shape) -> (*batch, *in_shape)``."""
+        self._check_input("y", y, self.out_shape)
+        return self._adjoint(y)
+
+    def output_shape(self, in_shape: Sequence[int]) -> tuple:
+        """The event shape of ``A(x)`` for an ``x`` of event shape ``in_shape``."""
+        if self.in_shape is not None and tuple(in_shape) != tuple(self.in_shape):
+            raise ValueError(f"`in_shape` is {tuple(in_shape)}, expected {self.in_shape}")
+        return tuple(in_shape) if self.out_shape is None else tuple(self.out_shape)
+
+    def __getitem__(self, index) -> "LinearOperator":
+        """Select samples of a batched operator (``index``: int, slice or index tensor)."""
+        if self.batch_shape == ():
+            raise IndexError("cannot index an operator with batch shape ()")
+        return self._replace(**{k: v[index] for k, v in self.parameters().items()})
+
+    def to(self, *args, **kwargs) -> "LinearOperator":
+        """Move the parameters (like :meth:`torch.Tensor.to`); boolean masks stay boolean."""
+        device = torch.empty(0).to(*args, **kwargs).device  # the target device, whatever the arguments
+
+        def move(v: Tensor) -> Tensor:
+            return v.to(device) if v.dtype == torch.bool else v.to(*args, **kwargs)
+
+        return self._replace(**{k: move(v) for k, v in self.parameters().items()})
+
+    def _check_input(self, name: str, x: Tensor, event: tuple | None) -> None:
+        if not torch.is_tensor(x):
+            raise TypeError(f"`{name}` must be a torch.Tensor, got {type(x).__name__}")
+        if event is None:
+            return
+        expected = tuple(self.batch_shape) + tuple(event)
+        if tuple(x.shape) != expected:
+            raise ValueError(
+                f"`{name}` has shape {tuple(x.shape)}, expected {expected} "
+                f"(batch shape {tuple(self.batch_shape)} + event shape {tuple(event)}) "
+                f"for {type(self).__name__}"
+            )
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(batch_shape={tuple(self.batch_shape)})"
+
+
+class Identity(LinearOperator):
+    r"""The identity :math:`A = I`, for any shape of ``x`` (denoising observations)."""
+
+    def _forward(self, x: Tensor) -> Tensor:
+        return x
+
+    def _adjoint(self, y: Tensor) -> Tensor:
+        return y
+
+    def _replace(self, **params):
+        return Identity()
+
+    def __getitem__(self, index) -> "Identity":
+        return Identity()
+
+
+def check_batch(operator: "LinearOperator", n: int, name: str = "operator") -> None:
+    """Raise a ValueError unless ``operator`` holds one operator per sample of a batch of ``n``.
+
+    :class:`Identity` has no parameters and serves any batch.
+    """
+    if not isinstance(operator, LinearOperator):
+        raise TypeError(f"`{name}` must be a LinearOperator, got {type(operator).__name__}")
+    if not (isinstance(operator, Identity) or tuple(operator.batch_shape) == (n,)):
+        raise ValueError(
+            f"`{name}` must have batch shape ({n},) (one operator per observation), got {tuple(operator.batch_shape)}"
+        )
+
+
+def _check_mask(name: str, mask: Tensor, min_dim: int) -> None:
+    if not torch.is_tensor(mask):
+        raise TypeError(f"`{name}` must be a torch.Tensor, got {type(mask).__name__}")
+    if mask.dtype != torch.bool:
+        raise ValueError(f"`{name}` must have dtype torch.bool (True = observed), got {mask.dtype}")
+    if mask.dim() not in (min_dim, min_dim + 1):
+        raise ValueError(
+            f"`{name}` must have {min_dim} (unbatched) or {min_dim + 1} (batched) dimensions, "
+            f"got shape {tuple(mask.shape)}"
+        )
+    flat = mask.reshape(-1, *mask.shape[mask.dim() - min_dim :]) if mask.dim() > min_dim else mask[None]
+    empty = ~flat.flatten(1).any(dim=1)
+    if empty.any():
+        raise ValueError(
+            f"`{name}` observes nothing for sample(s) {empty.nonzero().flatten().tolist()[:8]}: "
+            "an all-zero mask is not a valid observation"
+        )
+
+
+class Mask(LinearOperator):
+    r"""Pixel mask shared over channels: :math:`A x = m \odot x`, self-adjoint.
+
+    Arguments:
+        mask: A boolean tensor of shape ``(*batch, 1, H, W)`` with ``batch`` equal
+            to ``()`` or ``(B,)``; ``True`` marks an observed pixel. It acts on
+            images of shape ``(*batch, C, H, W)`` for any ``C`` given by ``channels``.
+        channels: The number of image channels ``C`` (default 3).
+
+    Raises:
+        ValueError: if ``mask`` is not boolean, has the wrong number of dimensions,
+            has a channel dimension other than 1, or observes nothing in a sample.
+    """
+
+    def __init__(self, mask: Tensor, channels: int = 3):
+        _check_mask("mask", mask, 3)
+        if mask.shape[-3] != 1:
+            raise ValueError(f"`mask` must have shape (*batch, 1, H, W), got {tuple(mask.shape)}")
+        if channels < 1:
+            raise ValueError(f"`channels` must be >= 1, got {channels}")
+        self.mask = mask
+        self.channels = int(channels)
+        self.batch_shape = tuple(mask.shape[:-3])
+        self.in_shape = self.out_shape = (self.channels, *mask.shape[-2:])
+
+    def parameters(self):
+        return {"mask": self.mask}
+
+    def _replace(self, **params):
+        return Mask(params["mask"], channels=self.channels)
+
+    def _forward(self, x: Tensor) -> Tensor:
+        return x * self.mask.to(x.dtype)
+
+    _adjoint = _forward
+
+
+class Projection(LinearOperator):
+    r"""Matrix–vector products :math:`A x` with a (per-sample) matrix.
+
+    Arguments:
+        matrix: A float tensor of shape ``(*batch, m, d)``, ``batch`` equal to ``()``
+            or ``(B,)``. Acts on ``x`` of shape ``(*batch, d)``; ``A.T`` on ``(*batch, m)``.
+
+    Raises:
+        ValueError: if ``matrix`` is not floating point, not 2-D or 3-D, or not finite.
+    """
+
+    def __init__(self, matrix: Tensor):
+        if not torch.is_tensor(matrix):
+            raise TypeError(f"`matrix` must be a torch.Tensor, got {type(matrix).__name__}")
+        if not matrix.is_floating_point():
+            raise ValueError(f"`matrix` must be floating point, got {matrix.dtype}")
+        if matrix.dim() not in (2, 3):
+            raise ValueError(f"`matrix` must have shape (m, d) or (B, m, d), got {tuple(matrix.shape)}")
+        check_finite("matrix", matrix)
+        self.matrix = matrix
+        self.batch_shape = tuple(matrix.shape[:-2])
+        self.in_shape = (matrix.shape[-1],)
+        self.out_shape = (matrix.shape[-2],)
+
+    def parameters(self):
+        return {"matrix": self.matrix}
+
+    def _forward(self, x: Tensor) -> Tensor:
+        return (self.matrix.to(x.dtype) @ x[..., None])[..., 0]
+
+    def _adjoint(self, y: Tensor) -> Tensor:
+        return (self.matrix.to(y.dtype).mT @ y[..., None])[..., 0]
+
+
+class SubsampledFourier(LinearOperator):
+    r"""Column-subsampled, orthonormal, centred 2-D Fourier transform (MRI k-space).
+
+    .. math:: A x = M \, S F S' x
+
+    where :math:`F` is the orthonormal 2-D DFT, :math:`S` / :math:`S'` the
+    ``fftshift`` / ``ifftshift`` permutations and :math:`M` keeps the sampled
+    k-space columns. The complex output is returned as two real channels
+    (real, imaginary), so ``A`` maps a real image ``(*batch, 1, H, W)`` to
+    ``(*batch, 2, H, W)``. The adjoint is the real part of the centred inverse
+    DFT of the masked k-space.
+
+    Arguments:
+        mask: A boolean tensor of shape ``(*batch, W)``, ``batch`` equal to ``()``
+            or ``(B,)``; ``True`` marks a sampled k-space column.
+        height: The image height ``H`` (default: ``W``, square images).
+
+    References:
+        Zbontar et al., "fastMRI", arXiv:1811.08839; Rozet et al. 2024, Section 5.3.
+    """
+
+    def __init__(self, mask: Tensor, height: int | None = None):
+        _check_mask("mask", mask, 1)
+        self.mask = mask
+        width = mask.shape[-1]
+        self.height = int(width if height is None else height)
+        self.batch_shape = tuple(mask.shape[:-1])
+        self.in_shape = (1, self.height, width)
+        self.out_shape = (2, self.height, width)
+
+    def parameters(self):
+        return {"mask": self.mask}
+
+    def _replace(self, **params):
+        return SubsampledFourier(params["mask"], height=self.height)
+
+    def _forward(self, x: Tensor) -> Tensor:
+        k = torch.fft.fftshift(torch.fft.fft2(torch.fft.ifftshift(x[..., 0, :, :], dim=(-2, -1)), norm="ortho"), dim=(-2, -1))
+        k = k * self.mask[..., None, :].to(x.dtype)
+        return torch.stack((k.real, k.imag), dim=-3)
+
+    def _adjoint(self, y: Tensor) -> Tensor:
+        k = torch.complex(y[..., 0, :, :], y[..., 1, :, :]) * self.mask[..., None, :].to(y.dtype)
+        x = torch.fft.fftshift(torch.fft.ifft2(torch.fft.ifftshift(k, dim=(-2, -1)), norm="ortho"), dim=(-2, -1))
+        return x.real[..., None, :, :]
+
+
+def _check_noise_std(noise_std) -> float:
+    try:
+        value = float(noise_std)
+    except (TypeError, ValueError):
+        raise TypeError(f"`noise_std` must be a positive float, got {noise_std!r}") from None
+    if not (value > 0 and math.isfinite(value)):
+        raise ValueError(f"`noise_std` must be a positive finite float, got {noise_std!r}")
+    return value
+
+
+class GaussianObservation:
+    r"""The observation model :math:`y = A x + \sigma_y e`, :math:`e \sim \mathcal{N}(0, I)`.
+
+    Arguments:
+        operator: The linear operator :math:`A`.
+        noise_std: :math:`\sigma_y > 0`, in data units (data in [-2, 2]).
+
+    Raises:
+        ValueError: if ``noise_std`` is not a positive finite number.
+    """
+
+    def __init__(self, operator: LinearOperator, noise_std: float):
+        if not isinstance(operator, LinearOperator):
+            raise TypeError(f"`operator` must be a LinearOperator, got {type(operator).__name__}")
+        self.operator = operator
+        self.noise_std = _check_noise_std(noise_std)
+
+    def sample(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """Draw ``y = A(x) + noise_std * e`` with an explicit ``generator``.
+
+        Arguments:
+            x: The clean signal, shape ``(*batch, *in_shape)``.
+            generator: The source of randomness; required (pass a seeded generator).
+
+        Returns:
+            ``y`` of shape ``(*batch, *out_shape)``. Masked-out entries are noise too
+            (``A x`` is zero there, and so is their contribution to the likelihood
+            since ``A.T`` removes them).
+        """
+        if generator is None:
+            raise ValueError("`generator` is required: pass a seeded torch.Generator")
+        mean = self.operator(x)
+        noise = torch.randn(mean.shape, generator=generator, device=generator.device, dtype=mean.dtype)
+        return mean + self.noise_std * noise.to(mean.device)
+
+    def __repr__(self):
+        return f"GaussianObservation({self.operator!r}, noise_std={self.noise_std:g})"

@@ -1,0 +1,117 @@
+r"""Samplers as small functions of (denoiser, shape, scheduler, generator).
+
+:func:`sample` draws :math:`x \sim q(x)` by running a :class:`~diffem.scheduler.VEScheduler`
+from :math:`x_1 = \sigma_{\max} z` down to :math:`\sigma_{\min}` and denoising once more.
+:func:`sample_posterior` does the same with the MMPS posterior denoiser
+(:class:`~diffem.posterior.MMPSDenoiser`) for a batch of observations: this is the
+E-step of Rozet et al. (2024), arXiv:2405.13712, Algorithm 1.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from .operators import LinearOperator, check_batch
+from .posterior import MMPSDenoiser
+from .random import randn
+from .scheduler import VEScheduler
+
+__all__ = ["sample", "sample_posterior"]
+
+
+@torch.no_grad()
+def sample(
+    denoiser: Callable[[Tensor, Tensor], Tensor],
+    shape: Sequence[int],
+    scheduler: VEScheduler,
+    num_inference_steps: int,
+    generator,
+    progress: bool = False,
+    device=None,
+) -> Tensor:
+    r"""Draw samples ``(B, *event_shape)`` by the reverse process of ``scheduler``.
+
+    Arguments:
+        denoiser: ``(x_t, sigma) -> E[x | x_t]`` with ``sigma`` of shape ``(B,)``.
+        shape: ``(B, *event_shape)``.
+        scheduler: A :class:`VEScheduler` (its ``method`` picks DDPM, DDIM or PC).
+        num_inference_steps: Number of steps (>= 1).
+        generator: A ``torch.Generator`` or a list of them (one per block of samples).
+        progress: Show a progress bar.
+    """
+    shape = tuple(shape)
+    scheduler.set_timesteps(num_inference_steps, device=device)
+    sigmas = scheduler.sigmas
+    x = sigmas[0] * randn(shape, generator, torch.float32, device)
+    b = shape[0]
+    for i in tqdm(range(num_inference_steps), desc="sampling", disable=not progress, leave=False):
+        x_hat = denoiser(x, sigmas[i].expand(b))
+        x = scheduler.step(x_hat, i, x, generator=generator, denoiser=denoiser).prev_sample
+    return denoiser(x, sigmas[-1].expand(b))
+
+
+def _split_generators(generator, n: int):
+    """Return (block size, list of generators or a single generator)."""
+    if isinstance(generator, torch.Generator):
+        return None, generator
+    generators = list(generator)
+    if not generators or n % len(generators):
+        raise ValueError(f"`generator` is a list of {len(generators)} generators, which must divide the {n} observations")
+    return n // len(generators), generators
+
+
+def sample_posterior(
+    denoiser: Callable[[Tensor, Tensor], Tensor],
+    y: Tensor,
+    operator: LinearOperator,
+    noise_std: float,
+    event_shape: Sequence[int],
+    steps: int = 64,
+    maxiter: int = 1,
+    generator=None,
+    batch_size: int = 256,
+    method: str = "ddpm",
+    tol: float = 0.0,
+    progress: bool = False,
+    device=None,
+) -> Tensor:
+    r"""One posterior sample :math:`x_i \sim q(x \mid y_i)` per observation, by MMPS.
+
+    Arguments:
+        denoiser: The prior denoiser.
+        y: Observations ``(N, *out_shape)``.
+        operator: Operator with batch shape ``(N,)`` (one per observation).
+        noise_std: :math:`\sigma_y > 0`.
+        event_shape: Shape of one signal ``x``.
+        steps: Sampler steps; ``method``: ``"ddpm"``, ``"ddim"`` or ``"pc"``.
+        maxiter, tol: Conjugate gradient iterations and relative tolerance.
+        generator: A ``torch.Generator`` (the result then depends on ``batch_size``) or a
+            list of ``G`` generators, one per block of ``N / G`` consecutive observations
+            (the result then does not depend on ``batch_size``, which must be a multiple
+            of the block size).
+        batch_size: Observations per sampler call.
+
+    Returns:
+        ``(N, *event_shape)`` samples on ``device`` (default: the device of ``y``).
+    """
+    n = y.shape[0]
+    check_batch(operator, n)
+    block, gens = _split_generators(generator, n) if generator is not None else (None, None)
+    if gens is None:
+        raise ValueError("`generator` is required: pass a seeded torch.Generator or a list of them")
+    if block is not None:
+        batch_size = max(block, batch_size // block * block)
+    device = y.device if device is None else device
+    scheduler = VEScheduler(method=method)
+    out = []
+    for i in tqdm(range(0, n, batch_size), desc="posterior sampling", disable=not progress):
+        j = min(i + batch_size, n)
+        g = gens if block is None else gens[i // block : j // block]
+        yb = y[i:j].to(device)
+        posterior = MMPSDenoiser(denoiser, yb, operator[i:j].to(device), noise_std, maxiter=maxiter, tol=tol)
+        out.append(sample(posterior, (j - i, *event_shape), scheduler, steps, g, device=device))
+    return torch.cat(out)

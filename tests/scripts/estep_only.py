@@ -1,0 +1,26 @@
+"""Run lap 0 and the lap-1 E-step of a config, save the samples (for the multi-process test).
+
+    [accelerate launch --num_processes 2 --cpu] python tests/scripts/estep_only.py OUT_DIR SAMPLES_FILE [key=value ...]
+"""
+
+import sys
+
+import torch
+from accelerate import Accelerator
+
+from diffem.config import load_config
+from diffem.em import EMTrainer
+
+out_dir, samples_file, *overrides = sys.argv[1:]
+config = load_config("manifold", "smoke", overrides=[f"output_dir={out_dir}", "eval.samples=0", *overrides])
+accelerator = Accelerator(cpu=True)
+trainer = EMTrainer(config, accelerator, progress=False)
+trainer._prepare_run_dir()
+obs = trainer.observations()
+if not trainer.laps_done():
+    trainer.lap0(obs)
+accelerator.wait_for_everyone()
+samples = trainer.estep(1, obs)
+if accelerator.is_main_process:
+    torch.save({"samples": samples, "processes": accelerator.num_processes}, samples_file)
+accelerator.wait_for_everyone()

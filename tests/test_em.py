@@ -1,0 +1,152 @@
+"""The EM trainer: end to end, multi-process E-step, kill and resume, config errors."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from diffem.config import ConfigError, load_config
+from diffem.em import EMTrainer, lap_dir
+from diffem.tasks import ObservationSet, get_task
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST = ["eval.samples=0", "lap0.iterations=4", "data.points=256", "estep.batch_size=128", "estep.steps=8",
+        "mstep.steps=40", "mstep.checkpoint_every=10", "mstep.batch_size=64"]
+
+
+def _cli(out: Path, *overrides: str) -> list[str]:
+    return [sys.executable, "-m", "diffem.cli", "train", "manifold", "--profile", "smoke", "--output-dir", str(out),
+            "--no-progress", "--set", *overrides]
+
+
+def _weights(run: Path, lap: int) -> dict:
+    (path,) = (lap_dir(run, lap) / "unet").glob("*.safetensors")
+    return load_file(path)
+
+
+def test_two_laps_end_to_end(tmp_path):
+    config = load_config("manifold", "smoke", overrides=[f"output_dir={tmp_path}"])
+    start = time.perf_counter()
+    records = EMTrainer(config, progress=False).run()
+    assert time.perf_counter() - start < 60
+    assert [r["lap"] for r in records] == [0, 1, 2]
+    for r in records:
+        assert r["sinkhorn"] > 0 and r["estep_time_s"] >= 0
+    assert (tmp_path / "config.yaml").exists()
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(l)["lap"] for l in lines] == [0, 1, 2]
+    for k in range(3):
+        assert (lap_dir(tmp_path, k) / "model_index.json").exists()
+    assert not (tmp_path / "work" / "lap_01").exists()  # scratch removed once a lap is saved
+    # Rerunning a finished run does nothing and loses nothing.
+    assert EMTrainer(config, progress=False).run() == []
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 3
+
+
+def test_ground_truth_never_reaches_the_trainer(tmp_path):
+    config = load_config("manifold", "smoke", overrides=[f"output_dir={tmp_path}"] + FAST)
+    obs = get_task(config).observations(tmp_path)
+    assert isinstance(obs, ObservationSet)
+    assert set(vars(obs)) == {"y", "operator", "noise_std", "event_shape"}
+    import datasets
+
+    assert sorted(datasets.load_from_disk(str(tmp_path / "observations")).column_names) == ["matrix", "y"]
+    assert obs.y.shape == (256, 2)
+
+
+def test_estep_does_not_depend_on_batch_size(tmp_path):
+    base = load_config("manifold", "smoke", overrides=[f"output_dir={tmp_path}"] + FAST)
+    trainer = EMTrainer(base, progress=False)
+    trainer._prepare_run_dir()
+    obs = trainer.observations()
+    trainer.lap0(obs)
+    a = trainer.estep(1, obs)
+    other = load_config("manifold", "smoke", overrides=[f"output_dir={tmp_path / 'b'}"] + FAST + ["estep.batch_size=64"])
+    t2 = EMTrainer(other, progress=False)
+    t2.run_dir, t2.work_dir = tmp_path, tmp_path / "work-b"
+    b = t2.estep(1, obs)
+    assert torch.isfinite(a).all()
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="uses SIGKILL")
+def test_kill_and_resume_gives_the_same_prior(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    subprocess.run(_cli(full, *FAST), check=True, env=env, cwd=ROOT, capture_output=True)
+
+    # Kill in the lap-2 M-step, after its first checkpoint, then resume.
+    proc = subprocess.Popen(_cli(killed, *FAST), env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    marker = killed / "work" / "lap_02" / "mstep" / "state.json"
+    deadline = time.time() + 120
+    while not marker.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (lap_dir(killed, 2) / "model_index.json").exists()
+    subprocess.run(_cli(killed, *FAST), check=True, env=env, cwd=ROOT, capture_output=True)
+
+    laps = [json.loads(l)["lap"] for l in (killed / "metrics.jsonl").read_text().splitlines()]
+    assert laps == [0, 1, 2]  # nothing finished was recomputed
+    a, b = _weights(full, 2), _weights(killed, 2)
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+
+
+def test_estep_two_processes_match_one(tmp_path):
+    script = str(ROOT / "tests" / "scripts" / "estep_only.py")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    single = tmp_path / "single.pt"
+    subprocess.run([sys.executable, script, str(tmp_path / "r1"), str(single), *FAST], check=True, env=env, cwd=ROOT,
+                   capture_output=True)
+    double = tmp_path / "double.pt"
+    # `accelerate launch --cpu` starts a single process in accelerate 1.x; `--multi_gpu` launches
+    # through torchrun, and the script's Accelerator(cpu=True) then runs on CPU with gloo.
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    result = subprocess.run(launch + [script, str(tmp_path / "r2"), str(double), *FAST], env=env, cwd=ROOT,
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    a, b = torch.load(single), torch.load(double)
+    assert a["processes"] == 1 and b["processes"] == 2
+    assert torch.equal(a["samples"], b["samples"])
+
+
+@pytest.mark.parametrize(
+    "kwargs, key",
+    [
+        (dict(overrides=["mstep.lrr=1"]), "mstep.lrr"),
+        (dict(overrides=["laps=-1"]), "laps"),
+        (dict(overrides=["estep.batch_size=100", "estep.block=64"]), "estep.batch_size"),
+        (dict(overrides=["data.pointz=3"]), "data.pointz"),
+        (dict(profile="nope"), "nope"),
+    ],
+)
+def test_bad_configs_fail_before_work(tmp_path, kwargs, key):
+    profile = kwargs.pop("profile", "smoke")
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        config = load_config("manifold", profile, **kwargs)
+        get_task(config)
+    assert not any(tmp_path.iterdir())
+
+
+def test_cli_dry_run_and_errors(tmp_path):
+    ok = subprocess.run([sys.executable, "-m", "diffem.cli", "train", "manifold", "--profile", "smoke", "--dry-run",
+                         "--set", "mstep.lr=3e-4"], capture_output=True, text=True, cwd=ROOT)
+    assert ok.returncode == 0 and "lr: 0.0003" in ok.stdout
+    bad = subprocess.run([sys.executable, "-m", "diffem.cli", "train", "manifold", "--profile", "smoke", "--set",
+                          "laps=-2", f"output_dir={tmp_path / 'x'}"], capture_output=True, text=True, cwd=ROOT)
+    assert bad.returncode == 2 and "`laps`" in bad.stderr
+    assert not (tmp_path / "x").exists()
+    missing = subprocess.run([sys.executable, "-m", "diffem.cli", "evaluate", str(tmp_path)], capture_output=True,
+                             text=True, cwd=ROOT)
+    assert missing.returncode == 2 and "not a run folder" in missing.stderr

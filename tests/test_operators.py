@@ -1,0 +1,385 @@
+"""Tests of diffem.operators: adjoint identities, orthonormality, noise model, input validation."""
+
+import math
+
+import pytest
+import torch
+
+from diffem.gaussian import GaussianPrior
+from diffem.operators import GaussianObservation, Identity, Mask, Projection, SubsampledFourier
+from diffem.posterior import MMPSDenoiser
+
+BATCHES = [(), (3,)]
+
+
+def _gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+def make_operator(kind, batch, g):
+    """An operator of ``kind`` with batch shape ``batch`` and its (in, out) event shapes."""
+    if kind == "identity":
+        return Identity(), (2, 3, 4), (2, 3, 4)
+    if kind == "mask":
+        mask = torch.rand(*batch, 1, 5, 4, generator=g) < 0.5
+        mask[..., 0, 0, 0] = True
+        return Mask(mask, channels=3), (3, 5, 4), (3, 5, 4)
+    if kind == "projection":
+        return Projection(torch.randn(*batch, 3, 7, generator=g, dtype=torch.float64)), (7,), (3,)
+    if kind == "fourier":
+        # Odd width and a height != width: fftshift != ifftshift, so the adjoint order matters.
+        mask = torch.rand(*batch, 7, generator=g) < 0.5
+        mask[..., 3] = True
+        return SubsampledFourier(mask, height=6), (1, 6, 7), (2, 6, 7)
+    raise AssertionError(kind)
+
+
+KINDS = ["identity", "mask", "projection", "fourier"]
+
+
+# -- adjoint identity ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("batch", BATCHES)
+@pytest.mark.parametrize("kind", KINDS)
+def test_adjoint_identity(kind, batch):
+    g = _gen(1)
+    A, in_shape, out_shape = make_operator(kind, batch, g)
+    x = torch.randn(*batch, *in_shape, generator=g, dtype=torch.float64)
+    y = torch.randn(*batch, *out_shape, generator=g, dtype=torch.float64)
+    Ax, ATy = A(x), A.T(y)
+    assert Ax.shape == (*batch, *out_shape) and Ax.dtype == torch.float64
+    assert ATy.shape == (*batch, *in_shape) and ATy.dtype == torch.float64
+    # Per sample: <A x, y> = <x, A^T y>.
+    lhs = (Ax * y).reshape(*batch, -1).sum(-1)
+    rhs = (x * ATy).reshape(*batch, -1).sum(-1)
+    torch.testing.assert_close(lhs, rhs, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("batch", BATCHES)
+@pytest.mark.parametrize("kind", ["mask", "projection", "fourier"])
+def test_linearity(kind, batch):
+    g = _gen(2)
+    A, in_shape, _ = make_operator(kind, batch, g)
+    x1 = torch.randn(*batch, *in_shape, generator=g, dtype=torch.float64)
+    x2 = torch.randn(*batch, *in_shape, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(A(2.5 * x1 - x2), 2.5 * A(x1) - A(x2), rtol=1e-10, atol=1e-10)
+
+
+def test_projection_matches_dense_product():
+    g = _gen(3)
+    M = torch.randn(4, 2, 5, generator=g, dtype=torch.float64)
+    x = torch.randn(4, 5, generator=g, dtype=torch.float64)
+    A = Projection(M)
+    torch.testing.assert_close(A(x), torch.einsum("bij,bj->bi", M, x))
+
+
+# -- SubsampledFourier: orthonormality -------------------------------------------------------------
+
+
+def _fourier_full(batch, H, W):
+    return SubsampledFourier(torch.ones(*batch, W, dtype=torch.bool), height=H)
+
+
+@pytest.mark.parametrize("batch", BATCHES)
+@pytest.mark.parametrize("H, W", [(6, 7), (8, 8)])
+def test_fourier_full_sampling_is_an_isometry(batch, H, W):
+    """With every column sampled, A is the orthonormal DFT: A^T A = I and ||A x|| = ||x||."""
+    g = _gen(4)
+    A = _fourier_full(batch, H, W)
+    x = torch.randn(*batch, 1, H, W, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(A.T(A(x)), x, rtol=0, atol=1e-12)
+    n_x = x.reshape(*batch, -1).norm(dim=-1)
+    n_Ax = A(x).reshape(*batch, -1).norm(dim=-1)
+    torch.testing.assert_close(n_Ax, n_x, rtol=1e-12, atol=0)
+
+
+def _symmetric_column_mask(batch, W, g):
+    """A column mask invariant under k -> -k in the centred indexing (column c <-> 2*(W//2) - c)."""
+    mask = torch.rand(*batch, W, generator=g) < 0.5
+    centre = W // 2
+    for c in range(W):
+        mirror = 2 * centre - c
+        if 0 <= mirror < W:
+            mask[..., mirror] = mask[..., c] = mask[..., c] | mask[..., mirror]
+    mask[..., centre] = True
+    return mask
+
+
+@pytest.mark.parametrize("batch", BATCHES)
+@pytest.mark.parametrize("H, W", [(6, 7), (8, 8)])
+def test_fourier_orthonormal_on_sampled_columns(batch, H, W):
+    r"""A A^T = M on the sampled columns (orthonormal rows).
+
+    The input space is real, so A A^T y = M y holds for k-space data y that a real image can
+    produce (Hermitian symmetric: y = A_full x) and a mask that is symmetric under k -> -k;
+    then A^T A is the orthogonal projection onto the sampled frequencies and A A^T A = A.
+    """
+    g = _gen(5)
+    mask = _symmetric_column_mask(batch, W, g)
+    A = SubsampledFourier(mask, height=H)
+    x = torch.randn(*batch, 1, H, W, generator=g, dtype=torch.float64)
+    y = _fourier_full(batch, H, W)(x)  # Hermitian-symmetric k-space of a real image
+    expected = y * mask[..., None, None, :].to(y.dtype)
+    torch.testing.assert_close(A(A.T(y)), expected, rtol=0, atol=1e-12)
+    torch.testing.assert_close(A(A.T(A(x))), A(x), rtol=0, atol=1e-12)
+    # Idempotent projection: (A^T A)^2 = A^T A.
+    P = A.T(A(x))
+    torch.testing.assert_close(A.T(A(P)), P, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("batch", BATCHES)
+def test_fourier_is_a_contraction_for_any_mask(batch):
+    """For an arbitrary column mask (real input space), ||A|| <= 1: ||A x|| <= ||x||, ||A^T y|| <= ||y||."""
+    g = _gen(6)
+    A, in_shape, out_shape = make_operator("fourier", batch, g)
+    x = torch.randn(*batch, *in_shape, generator=g, dtype=torch.float64)
+    y = torch.randn(*batch, *out_shape, generator=g, dtype=torch.float64)
+    assert (A(x).reshape(*batch, -1).norm(dim=-1) <= x.reshape(*batch, -1).norm(dim=-1) * (1 + 1e-12)).all()
+    assert (A.T(y).reshape(*batch, -1).norm(dim=-1) <= y.reshape(*batch, -1).norm(dim=-1) * (1 + 1e-12)).all()
+    # Unsampled columns of A(x) are exactly zero.
+    out = A(x)
+    unsampled = ~A.mask[..., None, None, :].expand_as(out)
+    assert (out[unsampled] == 0).all()
+
+
+@pytest.mark.parametrize("batch", BATCHES)
+def test_mask_is_an_orthogonal_projection(batch):
+    g = _gen(7)
+    A, in_shape, _ = make_operator("mask", batch, g)
+    x = torch.randn(*batch, *in_shape, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(A(A(x)), A(x), rtol=0, atol=0)
+    torch.testing.assert_close(A.T(x), A(x), rtol=0, atol=0)
+    # Shared over channels: every channel sees the same mask.
+    out = A(x)
+    assert torch.equal(out[..., 0, :, :] == 0, out[..., 1, :, :] == 0)
+
+
+# -- indexing --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["mask", "projection", "fourier"])
+def test_indexing_a_batched_operator(kind):
+    g = _gen(8)
+    A, in_shape, _ = make_operator(kind, (5,), g)
+    x = torch.randn(5, *in_shape, generator=g, dtype=torch.float64)
+    full = A(x)
+    for i in range(5):
+        Ai = A[i]
+        assert Ai.batch_shape == ()
+        torch.testing.assert_close(Ai(x[i]), full[i], rtol=0, atol=0)
+    sub = A[1:4]
+    assert sub.batch_shape == (3,)
+    torch.testing.assert_close(sub(x[1:4]), full[1:4], rtol=0, atol=0)
+    idx = torch.tensor([4, 0])
+    torch.testing.assert_close(A[idx](x[idx]), full[idx], rtol=0, atol=0)
+    with pytest.raises(IndexError):
+        A[0][0]
+
+
+def test_identity_indexing_and_any_shape():
+    A = Identity()
+    x = torch.randn(4, 2, 3)
+    assert A[1:3] is not None and torch.equal(A[1:3](x), x)
+    assert torch.equal(A.T(x), x)
+
+
+# -- shape validation: no silent broadcast ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["mask", "projection", "fourier"])
+def test_unbatched_operator_rejects_batched_x(kind):
+    g = _gen(9)
+    A, in_shape, out_shape = make_operator(kind, (), g)
+    with pytest.raises(ValueError, match="`x`"):
+        A(torch.randn(3, *in_shape, dtype=torch.float64))
+    with pytest.raises(ValueError, match="`y`"):
+        A.T(torch.randn(3, *out_shape, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("kind", ["mask", "projection", "fourier"])
+def test_batched_operator_rejects_unbatched_or_wrong_batch_x(kind):
+    g = _gen(10)
+    A, in_shape, out_shape = make_operator(kind, (3,), g)
+    with pytest.raises(ValueError, match="`x`"):
+        A(torch.randn(*in_shape, dtype=torch.float64))
+    with pytest.raises(ValueError, match="`x`"):
+        A(torch.randn(1, *in_shape, dtype=torch.float64))  # would broadcast: must not
+    with pytest.raises(ValueError, match="`x`"):
+        A(torch.randn(4, *in_shape, dtype=torch.float64))
+    with pytest.raises(ValueError, match="`y`"):
+        A.T(torch.randn(*out_shape, dtype=torch.float64))
+    with pytest.raises(ValueError, match="`y`"):
+        A.T(torch.randn(1, *out_shape, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("kind", ["mask", "projection", "fourier"])
+def test_wrong_event_shape_raises(kind):
+    g = _gen(11)
+    A, in_shape, _ = make_operator(kind, (2,), g)
+    bad = list(in_shape)
+    bad[-1] += 1
+    with pytest.raises(ValueError, match="`x`"):
+        A(torch.randn(2, *bad, dtype=torch.float64))
+
+
+def test_non_tensor_input_raises():
+    A = Projection(torch.randn(2, 3))
+    with pytest.raises(TypeError, match="`x`"):
+        A([1.0, 2.0, 3.0])
+
+
+# -- parameter validation --------------------------------------------------------------------------
+
+
+def test_mask_float_dtype_raises():
+    with pytest.raises(ValueError, match="`mask`.*bool"):
+        Mask(torch.ones(1, 4, 4))
+
+
+def test_mask_with_channel_dimension_raises():
+    with pytest.raises(ValueError, match="`mask`"):
+        Mask(torch.ones(2, 3, 4, 4, dtype=torch.bool))  # (B, 3, H, W): must be (B, 1, H, W)
+    with pytest.raises(ValueError, match="`mask`"):
+        Mask(torch.ones(4, 4, dtype=torch.bool))  # missing the channel dimension
+    with pytest.raises(ValueError, match="`mask`"):
+        Mask(torch.ones(2, 2, 1, 4, 4, dtype=torch.bool))  # two batch dimensions
+
+
+def test_all_zero_mask_raises():
+    with pytest.raises(ValueError, match="`mask`.*observes nothing"):
+        Mask(torch.zeros(1, 4, 4, dtype=torch.bool))
+    mask = torch.ones(3, 1, 4, 4, dtype=torch.bool)
+    mask[1] = False  # one sample of the batch observes nothing
+    with pytest.raises(ValueError, match=r"`mask`.*observes nothing.*\[1\]"):
+        Mask(mask)
+
+
+def test_fourier_mask_validation():
+    with pytest.raises(ValueError, match="`mask`.*bool"):
+        SubsampledFourier(torch.ones(8))
+    with pytest.raises(ValueError, match="`mask`.*observes nothing"):
+        SubsampledFourier(torch.tensor([[True, False], [False, False]]))
+    with pytest.raises(ValueError, match="`mask`"):
+        SubsampledFourier(torch.ones(2, 2, 8, dtype=torch.bool))
+
+
+def test_projection_validation():
+    with pytest.raises(ValueError, match="`matrix`"):
+        Projection(torch.ones(2, 3, dtype=torch.long))
+    with pytest.raises(ValueError, match="`matrix`"):
+        Projection(torch.ones(3))
+    with pytest.raises(ValueError, match="`matrix`"):
+        Projection(torch.tensor([[1.0, float("nan")]]))
+
+
+# -- GaussianObservation -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("batch", BATCHES)
+def test_gaussian_observation_noise_statistics(batch):
+    noise_std = 0.3
+    g = _gen(12)
+    M = torch.randn(*batch, 50, 4, generator=g, dtype=torch.float64)
+    A = Projection(M)
+    x = torch.randn(*batch, 4, generator=g, dtype=torch.float64)
+    obs = GaussianObservation(A, noise_std)
+    draws = torch.stack([obs.sample(x, generator=g) for _ in range(400)])  # (400, *batch, 50)
+    noise = (draws - A(x)).reshape(-1)
+    n = noise.numel()
+    # Mean 0 and std noise_std within ~5 standard errors.
+    assert abs(noise.mean().item()) < 5 * noise_std / math.sqrt(n)
+    assert abs(noise.std().item() / noise_std - 1) < 5 / math.sqrt(2 * n)
+    # Replayable with the same seed, different with another.
+    y1 = obs.sample(x, generator=_gen(3))
+    y2 = obs.sample(x, generator=_gen(3))
+    y3 = obs.sample(x, generator=_gen(4))
+    assert torch.equal(y1, y2) and not torch.equal(y1, y3)
+
+
+def test_gaussian_observation_requires_generator():
+    obs = GaussianObservation(Identity(), 0.1)
+    with pytest.raises(ValueError, match="`generator`"):
+        obs.sample(torch.zeros(2, 3))
+
+
+@pytest.mark.parametrize("noise_std", [0.0, -0.1, float("nan"), float("inf")])
+def test_gaussian_observation_bad_noise_std(noise_std):
+    with pytest.raises(ValueError, match="`noise_std`"):
+        GaussianObservation(Identity(), noise_std)
+
+
+def test_gaussian_observation_bad_operator():
+    with pytest.raises(TypeError, match="`operator`"):
+        GaussianObservation(torch.eye(3), 0.1)
+
+
+# -- observations through MMPSDenoiser ---------------------------------------------------------------
+
+
+def _prior(d=4):
+    return GaussianPrior(event_shape=(d,), rank=0)
+
+
+def test_mmps_rejects_y_not_matching_operator_output():
+    A = Projection(torch.randn(2, 3, 4))
+    with pytest.raises(ValueError, match="`y`"):
+        MMPSDenoiser(_prior(), torch.randn(2, 4), A, 0.1)  # A(x) has event shape (3,)
+
+
+def test_mmps_rejects_y_not_matching_identity_output_at_call_time():
+    mmps = MMPSDenoiser(_prior(), torch.randn(2, 3), Identity(), 0.1)  # Identity: A(x) is (2, 4)
+    with pytest.raises(ValueError, match="`y`"):
+        mmps(torch.randn(2, 4), 1.0)
+
+
+def test_mmps_rejects_operator_with_wrong_batch():
+    with pytest.raises(ValueError, match="`operator`"):
+        MMPSDenoiser(_prior(), torch.randn(2, 3), Projection(torch.randn(3, 4)), 0.1)
+    with pytest.raises(ValueError, match="`operator`"):
+        MMPSDenoiser(_prior(), torch.randn(2, 3), Projection(torch.randn(3, 3, 4)), 0.1)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_mmps_rejects_non_finite_y(bad):
+    y = torch.randn(2, 3)
+    y[1, 2] = bad
+    with pytest.raises(ValueError, match="`y`"):
+        MMPSDenoiser(_prior(), y, Projection(torch.randn(2, 3, 4)), 0.1)
+
+
+@pytest.mark.parametrize("noise_std", [0.0, -1.0, float("nan")])
+def test_mmps_rejects_bad_noise_std(noise_std):
+    with pytest.raises(ValueError, match="`noise_std`"):
+        MMPSDenoiser(_prior(), torch.randn(2, 3), Projection(torch.randn(2, 3, 4)), noise_std)
+
+
+def test_gaussian_prior_rejects_non_finite_y():
+    prior = GaussianPrior(event_shape=(4,), rank=1).double()
+    y = torch.randn(2, 3, dtype=torch.float64)
+    y[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="`y`"):
+        prior.posterior(y, Projection(torch.randn(2, 3, 4, dtype=torch.float64)), 0.1)
+
+
+@pytest.mark.parametrize("kind", ["mask", "projection", "fourier"])
+def test_operator_to_device_keeps_the_operator(kind):
+    g = _gen(13)
+    A, in_shape, _ = make_operator(kind, (2,), g)
+    B = A.to("cpu")
+    assert type(B) is type(A) and B.batch_shape == A.batch_shape
+    x = torch.randn(2, *in_shape, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(B(x), A(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kind", ["mask", "projection", "fourier"])
+def test_operator_to_dtype_keeps_masks_boolean(kind):
+    """``A.to(dtype)`` casts float parameters only: a boolean mask stays a valid mask."""
+    g = _gen(14)
+    A, in_shape, _ = make_operator(kind, (2,), g)
+    B = A.to(torch.float32)
+    for name, value in B.parameters().items():
+        expected = torch.bool if A.parameters()[name].dtype == torch.bool else torch.float32
+        assert value.dtype == expected, name
+    x = torch.randn(2, *in_shape, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(B(x.float()).double(), A(x), rtol=1e-5, atol=1e-5)
