@@ -57,6 +57,7 @@ class EStepConfig:
     tol: float = 0.0  #: relative CG tolerance (0: always maxiter)
     batch_size: int = 256  #: observations per sampler call and per saved chunk (a multiple of block)
     block: int = 1  #: observations sharing one generator; samples depend on this, not on batch size
+    discard_outside: float | None = None  #: drop samples with any |x_i| >= this before the M-step (authors: 3, manifold)
 
 
 @dataclass

