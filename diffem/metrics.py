@@ -1,4 +1,4 @@
-r"""Evaluation metrics: FID / Inception score, Sinkhorn divergences, PSNR.
+r"""Evaluation metrics: FID / Inception score and PSNR.
 
 Image metrics (CIFAR-10, MNIST)
 -------------------------------
@@ -35,48 +35,8 @@ pixels; ``C = 1`` (MNIST) is repeated to 3 channels. Reference statistics
 :math:`(\mu, \Sigma)` are cached on disk by name (``cache_key``), e.g.
 ``"cifar10-train-jpeg"``, under ``$DIFFEM_CACHE`` or ``~/.cache/diffem``.
 
-Point-cloud metrics (manifold experiment)
------------------------------------------
-For point clouds :math:`x \in \mathbb{R}^{N \times d}`, :math:`y \in \mathbb{R}^{M \times d}`
-with uniform weights and the squared Euclidean cost :math:`C_{ij} = \lVert x_i - y_j \rVert^2`,
-the entropic transport plan at regularisation :math:`\varepsilon` is
-
-.. math:: P_\varepsilon = \arg\min_{P \in \Pi(a, b)} \langle P, C \rangle - \varepsilon H(P)
-
-and :func:`entropic_transport` returns its transport cost
-:math:`T_\varepsilon(x, y) = \langle P_\varepsilon, C \rangle` (what POT's
-``ot.sinkhorn2`` returns). :func:`sinkhorn_divergence` is the debiased
-:math:`T_\varepsilon(x, y) - \tfrac12 T_\varepsilon(x, x) - \tfrac12 T_\varepsilon(y, y)`
-(POT's ``empirical_sinkhorn_divergence``) and :func:`manifold_divergence` the
-paper's metric (authors' ``experiments/manifold/utils.py``):
-:math:`\max(T_\varepsilon(a, q) - T_\varepsilon(a, b), 10^{-6})` for prior
-samples :math:`q` and two independent ground-truth sets :math:`a, b`, with the
-authors' :math:`\varepsilon = 10^{-3}`.
-
-Solvers. The authors run ``ot.sinkhorn2(method="sinkhorn_log")`` from zero
-potentials for at most 1024 iterations (``solver="pot"`` here, fine on a GPU).
-At :math:`\varepsilon = 10^{-3}` that iteration is far from converged on these
-point clouds (mass must travel along the whole curve, and log-domain Sinkhorn
-needs :math:`\sim L^2 / \varepsilon` iterations to move it): it underestimates
-the cost severely, and 1024 iterations on 4096 points take minutes on a CPU.
-The default ``solver="warm"`` solves the exact (unregularised) problem with
-POT's network simplex ``ot.emd``, whose dual potentials :math:`(f, g)` (the
-:math:`\varepsilon \to 0` limit) warm-start stabilised Sinkhorn iterations on
-the kernel :math:`K = \exp((f \oplus g - C) / \varepsilon) \in (0, 1]` (every
-row and column holds a 1, so nothing underflows) until the L1 marginal error is
-below ``tol``. Since every coupling costs at least :math:`W_2^2`, the result is
-clamped below at the exact optimum. Accuracy depends on the regime:
-
-- dense samples (nearest-neighbour distance :math:`\ll \sqrt\varepsilon`, e.g.
-  4096 points of the manifold data): converges in ~10 iterations, stable to
-  <0.5 %; :math:`T_\varepsilon` exceeds :math:`W_2^2` by :math:`O(\varepsilon)`;
-- sparse samples (spacing :math:`\gtrsim \sqrt\varepsilon`): the network-simplex
-  duals are a vertex with a spanning tree of tight constraints, from which
-  Sinkhorn crawls (a RuntimeWarning says so); there :math:`T_\varepsilon \approx W_2^2`
-  and the result is within a few percent of it.
-
-4096 vs 4096 points take about 2-5 s on two CPU cores, dominated by ``ot.emd``;
-memory is :math:`O(NM)` (about 0.5 GB at 4096 x 4096).
+The manifold experiment's point-cloud metric (Sinkhorn divergence) lives in
+:mod:`diffem.ot`.
 
 References:
     Heusel et al., "GANs Trained by a Two Time-Scale Update Rule Converge to a
@@ -84,13 +44,6 @@ References:
     Salimans et al., "Improved Techniques for Training GANs", NeurIPS 2016,
     arXiv:1606.03498 (Inception score).
     Obukhov et al., torch-fidelity, https://github.com/toshas/torch-fidelity.
-    Cuturi, "Sinkhorn Distances", NeurIPS 2013, arXiv:1306.0895.
-    Feydy et al., "Interpolating between Optimal Transport and MMD using
-    Sinkhorn Divergences", AISTATS 2019, arXiv:1810.08278.
-    Schmitzer, "Stabilized Sparse Scaling Algorithms for Entropy Regularized
-    Transport Problems", SISC 2019, arXiv:1610.06519 (stabilised kernels).
-    Rozet et al., "Learning Diffusion Priors from Observations by Expectation
-    Maximization", NeurIPS 2024, arXiv:2405.13712, Section 5.1.
 """
 
 from __future__ import annotations
@@ -103,7 +56,7 @@ import os
 import re
 import warnings
 from pathlib import Path
-from typing import NamedTuple
+
 
 import numpy as np
 import torch
@@ -120,10 +73,6 @@ __all__ = [
     "reference_statistics",
     "fid",
     "inception_score",
-    "TransportResult",
-    "entropic_transport",
-    "sinkhorn_divergence",
-    "manifold_divergence",
     "psnr",
 ]
 
@@ -655,263 +604,6 @@ def inception_score(
         return None
     logits = inception_features(pixels, batch_size=batch_size, device=device, weights_path=path, logits=True)[_LOGITS]
     return _isc(logits, splits)[0]
-
-
-# ---------------------------------------------------------------------------
-# Entropic optimal transport, Sinkhorn divergences
-# ---------------------------------------------------------------------------
-
-
-class TransportResult(NamedTuple):
-    r"""Outcome of :func:`entropic_transport`.
-
-    Attributes:
-        cost: The transport cost :math:`\langle P_\varepsilon, C \rangle`.
-        marginal_error: L1 error of the plan's marginals at exit.
-        iterations: Sinkhorn iterations run.
-        converged: Whether ``marginal_error < tol`` was reached.
-        exact: The unregularised optimum :math:`W_2^2` (``solver="warm"``; NaN for ``"pot"``).
-    """
-
-    cost: float
-    marginal_error: float
-    iterations: int
-    converged: bool
-    exact: float = math.nan
-
-
-def _points(name: str, x) -> Tensor:
-    if isinstance(x, np.ndarray):
-        x = torch.from_numpy(x)
-    if not torch.is_tensor(x):
-        raise TypeError(f"`{name}` must be a torch.Tensor or numpy array of shape (N, d), got {type(x).__name__}")
-    if x.dim() != 2 or x.shape[0] < 1 or x.shape[1] < 1:
-        raise ValueError(f"`{name}` must have shape (N, d) with N, d >= 1, got {tuple(x.shape)}")
-    if not (x.is_floating_point() or x.dtype in (torch.int32, torch.int64)):
-        raise ValueError(f"`{name}` must hold real numbers, got dtype {x.dtype}")
-    x = x.detach().to(torch.float64)  # stays on its device
-    if not torch.isfinite(x).all():
-        raise ValueError(f"`{name}` contains NaN or inf values")
-    return x
-
-
-def _regularisation(reg, blur) -> float:
-    if reg is not None and blur is not None:
-        raise ValueError("give `reg` (epsilon) or `blur` (epsilon = blur**2), not both")
-    if blur is not None:
-        if not (isinstance(blur, (int, float)) and 0 < blur < math.inf):
-            raise ValueError(f"`blur` must be a finite number > 0, got {blur!r}")
-        return float(blur) ** 2
-    reg = 1e-3 if reg is None else reg
-    if isinstance(reg, bool) or not (isinstance(reg, (int, float)) and 0 < reg < math.inf):
-        raise ValueError(f"`reg` must be a finite number > 0, got {reg!r}")
-    return float(reg)
-
-
-def _warm_sinkhorn(x: Tensor, y: Tensor, eps: float, max_iter: int, tol: float) -> TransportResult:
-    import ot
-
-    x, y = x.cpu(), y.cpu()
-    n, m = len(x), len(y)
-    cost = torch.cdist(x, y).square_().clamp_min_(0.0)  # float64 (N, M)
-    if n == m and torch.equal(x, y):
-        # Self-transport: the identity plan is optimal and (0, 0) are optimal duals.
-        f, g = torch.zeros(n, dtype=torch.float64), torch.zeros(m, dtype=torch.float64)
-        exact = 0.0
-    else:
-        a_np, b_np = np.full(n, 1.0 / n), np.full(m, 1.0 / m)
-        _, log = ot.emd(a_np, b_np, cost.numpy(), numItermax=max(10**8, 20 * n * m), log=True)
-        if log.get("warning"):
-            raise RuntimeError(f"exact transport (ot.emd) failed on {n} x {m} points: {log['warning']}")
-        f, g = torch.as_tensor(log["u"], dtype=torch.float64), torch.as_tensor(log["v"], dtype=torch.float64)
-        exact = float(log["cost"])
-    rows = max(1, (1 << 22) // m)  # row chunks: float64 temporaries of ~32 MiB
-
-    def kernel() -> Tensor:
-        # K_ij = exp((f_i + g_j - C_ij) / eps), exponent in float64, stored in float32.
-        k = torch.empty(n, m, dtype=torch.float32)
-        for i in range(0, n, rows):
-            arg = (f[i : i + rows, None] + g[None, :] - cost[i : i + rows]).div_(eps)
-            k[i : i + rows] = arg.exp_()
-        return k
-
-    a = torch.full((n,), 1.0 / n, dtype=torch.float32)
-    b = torch.full((m,), 1.0 / m, dtype=torch.float32)
-    k = kernel()  # entries in (0, 1] at the exact duals, with a 1 in every row and column
-    u, v = torch.ones(n), torch.ones(m)
-    kv = k @ v
-    err, it = math.inf, 0
-    while it < max_iter:
-        u = a / kv
-        v = b / (k.T @ u)
-        kv = k @ v
-        it += 1
-        err = float((u * kv - a).abs().sum())
-        if not math.isfinite(err):
-            raise RuntimeError(f"Sinkhorn diverged on {n} x {m} points at epsilon = {eps:g} (iteration {it})")
-        if err < tol:
-            break
-        if max(float(u.log().abs().max()), float(v.log().abs().max())) > 30.0:
-            # Absorb the scalings into the potentials before they leave float32's range.
-            f, g = f + eps * u.double().log(), g + eps * v.double().log()
-            k, u, v = kernel(), torch.ones(n), torch.ones(m)
-            kv = k @ v
-    value = 0.0
-    for i in range(0, n, rows):  # <P, C> with P = diag(u) K diag(v)
-        plan = k[i : i + rows].double().mul_(u[i : i + rows, None].double()).mul_(v[None, :].double())
-        value += float((plan * cost[i : i + rows]).sum())
-    # Every coupling costs at least W2^2; an unconverged iterate (marginal error) may dip below it.
-    return TransportResult(max(value, exact), err, it, err < tol, exact)
-
-
-def entropic_transport(
-    x,
-    y,
-    reg: float | None = None,
-    *,
-    blur: float | None = None,
-    solver: str = "warm",
-    max_iter: int | None = None,
-    tol: float | None = None,
-) -> TransportResult:
-    r"""Entropic OT transport cost :math:`\langle P_\varepsilon, C \rangle` between two point clouds.
-
-    Uniform weights, squared Euclidean cost, regularisation ``eps = reg``
-    (or ``blur**2``; default 1e-3, the authors' value, in the units of ``C``).
-
-    Arguments:
-        x: Points ``(N, d)``, torch or numpy, finite.
-        y: Points ``(M, d)``.
-        reg: Entropic regularisation epsilon (> 0). Default 1e-3.
-        blur: Alternatively, a length scale with ``eps = blur**2``.
-        solver: ``"warm"`` (default): exact OT (``ot.emd``) potentials warm-start
-            stabilised Sinkhorn iterations at ``eps`` until the L1 marginal error
-            is below ``tol`` (default 5e-3, ``max_iter`` default 200). The result is
-            clamped below at the exact :math:`W_2^2`, which every coupling exceeds.
-            ``"pot"``: the authors' call, ``ot.sinkhorn2(method="sinkhorn_log")``
-            from zero potentials, ``max_iter`` default 1024 and POT's L2
-            marginal threshold ``tol`` default 1e-3; runs on the device of ``x``.
-            At eps = 1e-3 it is usually not converged (see the module docstring).
-        max_iter, tol: See ``solver``.
-
-    Returns:
-        A :class:`TransportResult`; a RuntimeWarning is issued if not converged.
-
-    Raises:
-        TypeError / ValueError: Bad ``x`` / ``y`` (shape, dimension mismatch, NaN),
-            bad ``reg`` / ``blur`` / ``solver`` / ``max_iter`` / ``tol``.
-        RuntimeError: If the exact solver fails or the iteration diverges.
-    """
-    eps = _regularisation(reg, blur)
-    if solver not in ("warm", "pot"):
-        raise ValueError(f"`solver` must be 'warm' or 'pot', got {solver!r}")
-    xs, ys = _points("x", x), _points("y", y)
-    device = xs.device
-    if xs.shape[1] != ys.shape[1]:
-        raise ValueError(f"`x` and `y` must have the same dimension d, got {xs.shape[1]} and {ys.shape[1]}")
-    max_iter = (200 if solver == "warm" else 1024) if max_iter is None else max_iter
-    tol = (5e-3 if solver == "warm" else 1e-3) if tol is None else tol
-    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
-        raise ValueError(f"`max_iter` must be a positive integer, got {max_iter!r}")
-    if not (isinstance(tol, (int, float)) and tol > 0):
-        raise ValueError(f"`tol` must be a number > 0, got {tol!r}")
-    if solver == "warm":
-        result = _warm_sinkhorn(xs, ys, eps, max_iter, float(tol))
-    else:
-        import ot
-
-        xs, ys = xs.to(device), ys.to(device)
-        empty = torch.empty(0, dtype=torch.float64, device=device)
-        value, log = ot.sinkhorn2(
-            empty, empty, ot.dist(xs, ys), eps, numItermax=max_iter, stopThr=float(tol),
-            method="sinkhorn_log", log=True, warn=False,
-        )
-        err = float(log["err"][-1]) if len(log["err"]) else math.inf
-        result = TransportResult(float(value), err, int(log["niter"]) + 1, err < tol)
-    if not result.converged:
-        warnings.warn(
-            f"entropic_transport ({solver}) did not converge: marginal error {result.marginal_error:.3g} "
-            f"> tol {tol:g} after {result.iterations} iterations (eps = {eps:g})",
-            RuntimeWarning,
-        )
-    return result
-
-
-def sinkhorn_divergence(x, y, reg: float | None = None, *, blur: float | None = None, **kwargs) -> float:
-    r"""Debiased Sinkhorn divergence :math:`\max(0, T(x, y) - \tfrac12 T(x, x) - \tfrac12 T(y, y))`.
-
-    :math:`T` is :func:`entropic_transport`'s cost (POT's ``empirical_sinkhorn_divergence``
-    convention, including the clamp at 0). It is 0 for identical point sets and
-    close to the squared 2-Wasserstein distance for small ``eps``.
-
-    Arguments:
-        x: Points ``(N, d)``; y: points ``(M, d)`` (torch or numpy).
-        reg, blur: Regularisation ``eps = reg`` or ``blur**2`` (default 1e-3).
-        kwargs: ``solver``, ``max_iter``, ``tol`` of :func:`entropic_transport`.
-
-    Raises:
-        The errors of :func:`entropic_transport`.
-    """
-    xy = entropic_transport(x, y, reg, blur=blur, **kwargs).cost
-    xx = entropic_transport(x, x, reg, blur=blur, **kwargs).cost
-    yy = entropic_transport(y, y, reg, blur=blur, **kwargs).cost
-    return max(0.0, xy - 0.5 * (xx + yy))
-
-
-def manifold_divergence(
-    samples,
-    reference_a,
-    reference_b,
-    reg: float | None = None,
-    *,
-    blur: float | None = None,
-    floor: float = 1e-6,
-    bound: float | None = 3.0,
-    **kwargs,
-) -> float:
-    r"""The paper's manifold metric :math:`\max(T(a, q) - T(a, b), \text{floor})`.
-
-    ``T`` is the entropic transport cost (:func:`entropic_transport`, eps = 1e-3 by
-    default), ``q`` the prior samples and ``a``, ``b`` two independent ground-truth
-    sets: subtracting ``T(a, b)`` removes the finite-sample floor, so a perfect
-    prior scores about ``floor``. As the authors do, samples with a coordinate
-    outside ``(-bound, bound)`` or non-finite are dropped first (``bound=None``
-    keeps all and raises on non-finite values).
-
-    Arguments:
-        samples: Prior samples ``(N, d)`` (torch or numpy).
-        reference_a: Ground truth ``(M, d)``; reference_b: ground truth ``(K, d)``, independent of ``a``.
-        reg, blur: Regularisation ``eps = reg`` or ``blur**2`` (default 1e-3).
-        floor: Lower bound of the result (default 1e-6, the authors').
-        bound: Outlier bound on sample coordinates (default 3, the authors'), or ``None``.
-        kwargs: ``solver``, ``max_iter``, ``tol`` of :func:`entropic_transport`.
-
-    Returns:
-        The divergence, a float ``>= floor``.
-
-    Raises:
-        ValueError: If no sample survives the bound, or the errors of :func:`entropic_transport`.
-    """
-    if bound is not None and not (isinstance(bound, (int, float)) and bound > 0):
-        raise ValueError(f"`bound` must be None or a number > 0, got {bound!r}")
-    reference_a, reference_b = _points("reference_a", reference_a), _points("reference_b", reference_b)
-    if bound is not None:
-        q = torch.from_numpy(samples) if isinstance(samples, np.ndarray) else samples
-        if not torch.is_tensor(q) or q.dim() != 2:
-            raise ValueError(f"`samples` must be a tensor of shape (N, d), got {getattr(q, 'shape', type(q))}")
-        keep = (torch.isfinite(q) & (q.abs() < bound)).all(dim=1)
-        if not bool(keep.any()):
-            raise ValueError(f"`samples`: none of the {len(q)} samples is finite and inside (-{bound}, {bound})")
-        samples = q[keep]
-    samples = _points("samples", samples)
-    if not samples.shape[1] == reference_a.shape[1] == reference_b.shape[1]:
-        raise ValueError(
-            f"`samples`, `reference_a` and `reference_b` must share the dimension d, got "
-            f"{samples.shape[1]}, {reference_a.shape[1]} and {reference_b.shape[1]}"
-        )
-    t_q = entropic_transport(reference_a, samples, reg, blur=blur, **kwargs).cost
-    t_b = entropic_transport(reference_a, reference_b, reg, blur=blur, **kwargs).cost
-    return max(t_q - t_b, float(floor))
 
 
 # ---------------------------------------------------------------------------
