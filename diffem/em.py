@@ -158,9 +158,13 @@ class EMTrainer:
         """Run (or resume) every lap; returns the metric records written."""
         self._prepare_run_dir()
         obs = self.observations()
+        # Decided once, after a barrier, so that every process runs the same laps (and the
+        # same sequence of barriers).
+        done = set(self.laps_done())
+        self.accelerator.wait_for_everyone()
         records = []
         for lap in range(self.config.laps + 1):
-            if _is_complete(lap_dir(self.run_dir, lap)):
+            if lap in done:
                 continue
             records.append(self.lap0(obs) if lap == 0 else self.lap(lap, obs))
         return records
@@ -378,4 +382,6 @@ def run_em(config: EMConfig, progress: bool = True) -> list[dict]:
     """Run (or resume) an EM experiment under a new ``Accelerator``."""
     accelerator = Accelerator()
     set_seed(config.seed)
-    return EMTrainer(config, accelerator, progress=progress).run()
+    records = EMTrainer(config, accelerator, progress=progress).run()
+    accelerator.end_training()
+    return records

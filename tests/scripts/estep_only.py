@@ -17,10 +17,11 @@ accelerator = Accelerator(cpu=True)
 trainer = EMTrainer(config, accelerator, progress=False)
 trainer._prepare_run_dir()
 obs = trainer.observations()
-if not trainer.laps_done():
+done = trainer.laps_done()
+accelerator.wait_for_everyone()  # every process decides before any of them writes
+if 0 not in done:
     trainer.lap0(obs)
-accelerator.wait_for_everyone()
 samples = trainer.estep(1, obs)
 if accelerator.is_main_process:
     torch.save({"samples": samples, "processes": accelerator.num_processes}, samples_file)
-accelerator.wait_for_everyone()
+accelerator.end_training()

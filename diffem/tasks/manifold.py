@@ -1,0 +1,77 @@
+"""The paper's low-dimensional manifold experiment as a task (Rozet et al. 2024, Section 5.1)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from ..config import ConfigError
+from ..operators import Projection
+from . import ObservationSet, Task, draw_prior_samples, load_or_build
+
+__all__ = ["ManifoldTask"]
+
+
+class ManifoldTask(Task):
+    """The paper's low-dimensional manifold experiment (Section 5.1).
+
+    data: ``points`` (observations, 65,536 in the paper), ``features`` (5),
+    ``noise_std`` (1e-2), ``eval_points`` (ground-truth points for the Sinkhorn
+    divergence), ``curve_seed``. network: MLP ``hidden`` widths, ``emb_features``.
+    """
+
+    name = "manifold"
+    data_defaults = dict(points=65536, features=5, noise_std=1e-2, eval_points=4096, curve_seed=0, sinkhorn_reg=1e-3, sinkhorn_maxiter=1024)
+    network_defaults = dict(hidden=[256, 256, 256], emb_features=64)
+
+    def check(self):
+        for key in ("points", "features", "eval_points"):
+            if int(self.data[key]) < 1:
+                raise ConfigError(f"config key `data.{key}` must be >= 1")
+        if not float(self.data["noise_std"]) > 0:
+            raise ConfigError("config key `data.noise_std` must be > 0")
+
+    def observations(self, cache_dir: Path) -> ObservationSet:
+        from ..data import manifold
+
+        d = self.data
+
+        def build():
+            curve = manifold.ManifoldCurve(d["curve_seed"], features=d["features"])
+            x = manifold.manifold_points(d["points"], d["curve_seed"], "train", curve=curve)
+            A = manifold.random_projections(d["points"], self.config.seed)
+            return manifold.make_observations(x, A, d["noise_std"], seed=self.config.seed)
+
+        ds = load_or_build(Path(cache_dir) / "observations", build).with_format("torch")
+        return ObservationSet(ds["y"][:], Projection(ds["matrix"][:]), float(d["noise_std"]), (int(d["features"]),))
+
+    def ground_truth(self, n: int, split: str = "eval") -> Tensor:
+        """Ground-truth points for evaluation only (never given to the trainer)."""
+        from ..data import manifold
+
+        return manifold.manifold_points(n, self.data["curve_seed"], split, features=self.data["features"])
+
+    def backbone(self, seed: int) -> nn.Module:
+        from ..networks import MLP
+
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return MLP(self.data["features"], tuple(self.net["hidden"]), self.net["emb_features"])
+
+    def evaluate(self, pipeline, lap: int, generator_seed: int, progress: bool = True) -> dict:
+        from ..ot import manifold_divergence
+
+        cfg = self.config.eval
+        n = cfg.samples
+        x = draw_prior_samples(pipeline, n, cfg, generator_seed, progress)
+        m = self.data["eval_points"]
+        truth = self.ground_truth(2 * m, "eval")
+        options = dict(reg=float(self.data["sinkhorn_reg"]), maxiter=int(self.data["sinkhorn_maxiter"]))
+        if getattr(self, "_baseline", None) is None:
+            from ..ot import entropic_ot
+
+            self._baseline = entropic_ot(truth[:m], truth[m:], **options)
+        value = manifold_divergence(x, truth[:m], truth[m:], baseline=self._baseline, **options)
+        return {"sinkhorn": float(value), "sinkhorn_baseline": self._baseline, "eval_samples": n, "eval_points": m}
