@@ -7,7 +7,7 @@ Expectation Maximization", NeurIPS 2024 (arXiv:2405.13712), on PyTorch and diffu
 from .denoiser import Denoiser
 from .gaussian import GaussianPrior, fit_gaussian_em
 from .linalg import conjugate_gradient
-from .networks import MLP, build_unet, unet_config
+from .networks import DiT, MLP, build_unet, unet_config
 from .operators import GaussianObservation, Identity, Mask, Projection, SubsampledFourier
 from .pipeline import DiffusionPriorPipeline, DiffusionPriorPipelineOutput
 from .posterior import MMPSDenoiser
@@ -23,6 +23,7 @@ __all__ = [
     "GaussianObservation",
     "GaussianPrior",
     "Identity",
+    "DiT",
     "MLP",
     "MMPSDenoiser",
     "Mask",

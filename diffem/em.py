@@ -181,6 +181,10 @@ class EMTrainer:
         start = time.perf_counter()
         metrics = self.task.evaluate(pipe, lap, derive_seed(cfg.seed, _EVAL), progress=self.progress)
         metrics["eval_time_s"] = time.perf_counter() - start
+        artifacts = getattr(self.task, "artifacts", None)
+        if artifacts is not None:  # small tensors for figures (samples of this lap)
+            (self.run_dir / "eval").mkdir(exist_ok=True)
+            _atomic_torch_save(artifacts, self.run_dir / "eval" / f"lap_{lap:02d}.pt")
         return metrics
 
     def lap0(self, obs: ObservationSet) -> dict:
@@ -197,7 +201,9 @@ class EMTrainer:
             cfg.iterations, obs.event_shape, estep=cfg.estep, generator=generator, sampler_steps=cfg.steps,
             maxiter=cfg.maxiter, batch_size=self.config.estep.batch_size, progress=self.progress,
         )
-        prior = prior.to(torch.float32)
+        prior = GaussianPrior.from_parameters(
+            prior.mean.float(), prior.factor.float(), prior.diag.float(), prior.event_shape
+        )
         fit_time = time.perf_counter() - start
         metrics = self._evaluate(0, prior)
         self._save_lap(0, prior)

@@ -319,7 +319,8 @@ def fit_gaussian_em(
     d = math.prod(event_shape)
     dtype = torch.float64 if estep != "mmps" else torch.float32
     if prior is None:
-        prior = GaussianPrior(event_shape=event_shape, rank=min(rank, d)).to(dtype)
+        prior = GaussianPrior(event_shape=event_shape, rank=min(rank, d))
+        prior = GaussianPrior.from_parameters(prior.mean.to(dtype), prior.factor.to(dtype), prior.diag.to(dtype), event_shape)
     prior = prior.to(y.device)
     n = y.shape[0]
 

@@ -17,11 +17,11 @@ import math
 from typing import Sequence
 
 import torch
-from diffusers import ConfigMixin, ModelMixin, UNet2DModel
+from diffusers import ConfigMixin, DiTTransformer2DModel, ModelMixin, UNet2DModel
 from diffusers.configuration_utils import register_to_config
 from torch import Tensor, nn
 
-__all__ = ["MLP", "unet_config", "build_unet", "UNET_PRESETS"]
+__all__ = ["MLP", "DiT", "unet_config", "build_unet", "UNET_PRESETS"]
 
 
 class MLP(ModelMixin, ConfigMixin):
@@ -123,3 +123,45 @@ def build_unet(preset: str = "cpu", sample_size: int = 32, channels: int = 3, se
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return UNet2DModel(**unet_config(preset, sample_size, channels, **overrides))
+
+
+class DiT(DiTTransformer2DModel):
+    r"""A diffusers ``DiTTransformer2DModel`` as an unconditional backbone ``(x, c_noise) -> F``.
+
+    The noise embedding input is ``c_noise`` (a float tensor ``(B,)``) through DiT's
+    timestep embedding; the class label is fixed to 0 (a single class) and DiT's label
+    dropout is off. The output has the shape of ``x``, ``(B, C, H, W)``.
+    """
+
+    @classmethod
+    def from_options(
+        cls,
+        channels: int,
+        sample_size: int,
+        patch_size: int = 2,
+        num_layers: int = 4,
+        num_attention_heads: int = 4,
+        attention_head_dim: int = 32,
+        norm_num_groups: int = 1,
+    ) -> "DiT":
+        """A small DiT for ``(channels, sample_size, sample_size)`` images."""
+        if sample_size % patch_size:
+            raise ValueError(f"`patch_size` ({patch_size}) must divide the image size ({sample_size})")
+        return cls(
+            num_attention_heads=num_attention_heads,
+            attention_head_dim=attention_head_dim,
+            in_channels=channels,
+            out_channels=channels,
+            num_layers=num_layers,
+            sample_size=sample_size,
+            patch_size=patch_size,
+            num_embeds_ada_norm=1,
+            norm_num_groups=norm_num_groups,
+        )
+
+    def forward(self, x: Tensor, c_noise: Tensor, **kwargs) -> Tensor:
+        labels = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+        emb = self.transformer_blocks[0].norm1.emb if self.transformer_blocks else None
+        if emb is not None and hasattr(emb, "class_embedder"):
+            emb.class_embedder.dropout_prob = 0.0
+        return super().forward(x, timestep=c_noise.to(x.dtype), class_labels=labels, return_dict=False)[0]

@@ -133,11 +133,11 @@ def main(argv=None) -> int:
     config, records = read_run(run_dir)
     write_table(config, records, Path(args.table), run_dir)
     write_figure(config, records, Path(args.figure), run_dir)
-    # Keep the small result files the table is built from beside the experiment.
-    results = Path(__file__).resolve().parent / "results" / config["profile"]
-    results.mkdir(parents=True, exist_ok=True)
-    for name in ("config.yaml", "metrics.jsonl"):
-        (results / name).write_text((run_dir / name).read_text())
+    if config["profile"] != "smoke":  # keep the small result files the table is built from
+        results = Path(__file__).resolve().parent / "results" / config["profile"]
+        results.mkdir(parents=True, exist_ok=True)
+        for name in ("config.yaml", "metrics.jsonl"):
+            (results / name).write_text((run_dir / name).read_text())
     print(f"wrote {args.table} and {args.figure}")
     return 0
 
