@@ -113,6 +113,7 @@ def draw_prior_samples(pipeline, n: int, eval_config, seed: int, progress: bool 
 #: Experiment name -> "module:class" (imported on demand).
 TASKS = {
     "manifold": "diffem.tasks.manifold:ManifoldTask",
+    "mnist": "diffem.tasks.mnist:MnistTask",
 }
 
 
