@@ -44,6 +44,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ._common import check_seed, image_indices
+
 __all__ = [
     "CIFAR10_HUB_ID",
     "CLASS_NAMES",
@@ -325,12 +327,6 @@ def images_to_tensor(dataset, column: str = "img") -> Tensor:
 # ---------------------------------------------------------------------------
 
 
-def _check_seed(seed) -> int:
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise ValueError(f"`seed` must be a non-negative integer, got {seed!r}")
-    return int(seed)
-
-
 def corrupt(
     x: Tensor,
     p: float,
@@ -369,20 +365,13 @@ def corrupt(
     number = isinstance(noise_std, (int, float, np.floating)) and not isinstance(noise_std, bool)
     if not number or not 0.0 <= float(noise_std) < np.inf:
         raise ValueError(f"`noise_std` must be a finite number >= 0, got {noise_std!r}")
-    seed = _check_seed(seed)
+    seed = check_seed(seed)
     if not torch.is_tensor(x) or x.dim() != 4:
         raise ValueError(f"`x` must be a tensor of shape (N, C, H, W), got {getattr(x, 'shape', type(x))}")
     if not torch.isfinite(x).all():
         raise ValueError("`x` contains NaN or inf values")
     n, c, h, w = x.shape
-    if indices is None:
-        idx = np.arange(n, dtype=np.int64)
-    else:
-        idx = np.asarray(indices.cpu() if torch.is_tensor(indices) else indices, dtype=np.int64).reshape(-1)
-        if len(idx) != n:
-            raise ValueError(f"`indices` has length {len(idx)}, expected {n} (one per image of `x`)")
-        if (idx < 0).any():
-            raise ValueError("`indices` must be non-negative")
+    idx = image_indices(indices, n)
     mask = np.empty((n, 1, h, w), dtype=bool)
     noise = np.empty((n, c, h, w), dtype=np.float32)
     for row, index in enumerate(idx.tolist()):

@@ -51,6 +51,9 @@ import pyarrow as pa
 import torch
 from torch import Tensor
 
+from ..random import derive_seed
+from ._common import check_seed
+
 __all__ = [
     "ManifoldCurve",
     "manifold_points",
@@ -59,12 +62,6 @@ __all__ = [
 ]
 
 _STREAMS = {"curve": 0, "train": 1, "eval": 2, "projection": 3, "noise": 4}
-
-
-def _check_seed(seed) -> int:
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise ValueError(f"`seed` must be a non-negative integer, got {seed!r}")
-    return int(seed)
 
 
 def _arrow_column(array: np.ndarray, feature) -> pa.Array:
@@ -130,8 +127,7 @@ def _check_positive_int(name: str, value) -> int:
 
 def _generator(seed: int, stream: str) -> torch.Generator:
     """A CPU ``torch.Generator`` for ``(seed, stream)``, independent across streams."""
-    state = np.random.SeedSequence([_check_seed(seed), _STREAMS[stream]]).generate_state(2, np.uint32)
-    return torch.Generator().manual_seed((int(state[0]) << 31) ^ int(state[1]))
+    return torch.Generator().manual_seed(derive_seed(check_seed(seed), _STREAMS[stream]))
 
 
 class ManifoldCurve:
@@ -166,7 +162,7 @@ class ManifoldCurve:
         epsilon: float = 1e-3,
         grid: int = 2**16 + 1,
     ):
-        self.seed = _check_seed(seed)
+        self.seed = check_seed(seed)
         self.features = _check_positive_int("features", features)
         if not (isinstance(alpha, (int, float)) and alpha > 0 and math.isfinite(alpha)):
             raise ValueError(f"`alpha` must be a finite number > 0, got {alpha!r}")

@@ -40,6 +40,8 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from ._common import check_seed, image_indices
+
 from .manifold import _numpy_to_dataset
 
 __all__ = [
@@ -267,12 +269,6 @@ def images_to_tensor(ds: datasets.Dataset, pad_to: int | None = None) -> Tensor:
     return x.contiguous()
 
 
-def _check_seed(seed) -> int:
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise ValueError(f"`seed` must be a non-negative integer, got {seed!r}")
-    return int(seed)
-
-
 def make_noisy_observations(
     x: Tensor,
     sigma_y: float,
@@ -321,16 +317,9 @@ def make_noisy_observations(
         raise ValueError(f"`sigma_y` must be a finite number > 0, got {sigma_y!r}")
     if mask_prob is not None and not (0.0 <= float(mask_prob) < 1.0):
         raise ValueError(f"`mask_prob` must be None or in [0, 1), got {mask_prob!r}")
-    seed = _check_seed(seed)
+    seed = check_seed(seed)
     n, c, h, w = x.shape
-    if indices is None:
-        idx = np.arange(n, dtype=np.int64)
-    else:
-        idx = np.asarray(indices.cpu() if torch.is_tensor(indices) else indices, dtype=np.int64).reshape(-1)
-        if len(idx) != n:
-            raise ValueError(f"`indices` has length {len(idx)}, expected {n} (one per image in `x`)")
-        if (idx < 0).any():
-            raise ValueError("`indices` must be non-negative")
+    idx = image_indices(indices, n)
 
     noise = np.empty((n, c, h, w), dtype=np.float32)
     mask = np.empty((n, 1, h, w), dtype=np.float32) if mask_prob is not None else None
