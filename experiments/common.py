@@ -53,3 +53,32 @@ def fmt(value, digits: int = 3) -> str:
     if isinstance(value, float):
         return f"{value:.{digits}g}" if abs(value) < 1e4 else f"{value:.0f}"
     return str(value)
+
+
+def report_main(argv, doc: str, name: str, write_table, write_figure, experiment_dir) -> int:
+    """The command line shared by the report scripts.
+
+    ``report.py RUN_DIR [--table T] [--figure F]`` writes the table and the figure of a run
+    (defaults: ``tables/<name>.md``, ``figures/<name>.png``) and, unless the run is a smoke
+    run, copies its ``config.yaml`` and ``metrics.jsonl`` to
+    ``experiments/<name>/results/<profile>/`` (the small files the table is built from).
+    """
+    import argparse
+
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run_dir")
+    root = Path(experiment_dir).resolve().parents[1]
+    parser.add_argument("--table", default=str(root / f"tables/{name}.md"))
+    parser.add_argument("--figure", default=str(root / f"figures/{name}.png"))
+    args = parser.parse_args(argv)
+    run_dir = Path(args.run_dir)
+    config, records = read_run(run_dir)
+    write_table(config, records, Path(args.table), run_dir)
+    write_figure(config, records, Path(args.figure), run_dir)
+    if config["profile"] != "smoke":
+        results = Path(experiment_dir) / "results" / config["profile"]
+        results.mkdir(parents=True, exist_ok=True)
+        for file in ("config.yaml", "metrics.jsonl"):
+            (results / file).write_text((run_dir / file).read_text())
+    print(f"wrote {args.table} and {args.figure}")
+    return 0

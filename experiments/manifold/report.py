@@ -8,7 +8,6 @@ from the saved lap_KK/ pipelines with fixed seeds (DDIM, the run's evaluation st
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -19,7 +18,7 @@ import matplotlib.pyplot as plt
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import fmt, hardware, read_run  # noqa: E402
+from common import fmt, hardware, read_run, report_main  # noqa: E402
 
 from diffem.config import EMConfig, _from_dict  # noqa: E402
 from diffem.em import lap_dir  # noqa: E402
@@ -123,23 +122,7 @@ def write_figure(config: dict, records: list[dict], path: Path, run_dir: Path, n
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("run_dir")
-    root = Path(__file__).resolve().parents[2]
-    parser.add_argument("--table", default=str(root / "tables/manifold.md"))
-    parser.add_argument("--figure", default=str(root / "figures/manifold.png"))
-    args = parser.parse_args(argv)
-    run_dir = Path(args.run_dir)
-    config, records = read_run(run_dir)
-    write_table(config, records, Path(args.table), run_dir)
-    write_figure(config, records, Path(args.figure), run_dir)
-    if config["profile"] != "smoke":  # keep the small result files the table is built from
-        results = Path(__file__).resolve().parent / "results" / config["profile"]
-        results.mkdir(parents=True, exist_ok=True)
-        for name in ("config.yaml", "metrics.jsonl"):
-            (results / name).write_text((run_dir / name).read_text())
-    print(f"wrote {args.table} and {args.figure}")
-    return 0
+    return report_main(argv, __doc__, "manifold", write_table, write_figure, Path(__file__).resolve().parent)
 
 
 if __name__ == "__main__":
