@@ -32,6 +32,10 @@ if [ ! -f "experiments/$experiment/$profile.yaml" ]; then
     echo "reproduce.sh: no profile '$profile' for experiment '$experiment' (experiments/$experiment/*.yaml)" >&2
     exit 2
 fi
+# Experiments with several runs (e.g. cifar10's three corruption levels) bring their own driver.
+if [ -f "experiments/$experiment/run.sh" ]; then
+    exec bash "experiments/$experiment/run.sh" "$profile" ${args[@]+"${args[@]}"}
+fi
 run_dir="${RUN_DIR:-runs/$experiment-$profile}"
 launcher="${ACCELERATE:-python -m diffem.cli}"
 if [ -n "${ACCELERATE:-}" ]; then launcher="$ACCELERATE -m diffem.cli"; fi

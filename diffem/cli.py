@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("--profile", default=None, help="config profile (default: paper with CUDA, else cpu)")
     train.add_argument("--config", default=None, help="explicit YAML config file")
     train.add_argument("--output-dir", default=None)
-    train.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides, e.g. mstep.lr=1e-3")
+    train.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE", help="config overrides, e.g. mstep.lr=1e-3")
     train.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
     train.add_argument("--no-progress", action="store_true")
     train.set_defaults(func=_train)

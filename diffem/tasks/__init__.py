@@ -114,6 +114,7 @@ def draw_prior_samples(pipeline, n: int, eval_config, seed: int, progress: bool 
 TASKS = {
     "manifold": "diffem.tasks.manifold:ManifoldTask",
     "mnist": "diffem.tasks.mnist:MnistTask",
+    "cifar10": "diffem.tasks.cifar10:Cifar10Task",
 }
 
 
