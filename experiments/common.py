@@ -82,3 +82,14 @@ def report_main(argv, doc: str, name: str, write_table, write_figure, experiment
             (results / file).write_text((run_dir / file).read_text())
     print(f"wrote {args.table} and {args.figure}")
     return 0
+
+
+def save_figure(fig, path, title: str, dpi: int = 110, fontsize: int = 10) -> None:
+    """Title, lay out, write (creating the folder) and close a matplotlib figure."""
+    import matplotlib.pyplot as plt
+
+    fig.suptitle(title, fontsize=fontsize)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)

@@ -30,7 +30,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 sys.path.insert(0, str(HERE.parent))
-from common import fmt, hardware, read_run  # noqa: E402
+from common import fmt, hardware, read_run, save_figure  # noqa: E402
 
 from diffem.config import EMConfig, _from_dict  # noqa: E402
 from diffem.tasks import get_task  # noqa: E402
@@ -253,11 +253,7 @@ def write_posterior_figure(levels: list[Level], path: Path, show: int = 4) -> No
         ax.set_xticks([16 + 34 * j for j in range(len(labels))], labels, fontsize=7)
         ax.set_yticks([])
         ax.set_ylabel(f"{pct(lv.p)}\ndeleted", fontsize=8)
-    fig.suptitle("CIFAR-10: posterior samples of fixed observations across EM laps", fontsize=9)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
+    save_figure(fig, path, "CIFAR-10: posterior samples of fixed observations across EM laps", dpi=130, fontsize=9)
 
 
 def write_samples_figure(levels: list[Level], path: Path, per_row: int = 8, rows: int = 4) -> None:
@@ -273,11 +269,7 @@ def write_samples_figure(levels: list[Level], path: Path, per_row: int = 8, rows
         ax.imshow(_mosaic(tiles).numpy(), interpolation="nearest")
         ax.set_xticks([]), ax.set_yticks([])
         ax.set_title(f"{pct(lv.p)} deleted: prior after lap {laps[-1]}", fontsize=8)
-    fig.suptitle("CIFAR-10: unconditional samples of the final prior per corruption level", fontsize=10)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
+    save_figure(fig, path, "CIFAR-10: unconditional samples of the final prior per corruption level", dpi=130)
 
 
 def main(argv=None) -> int:

@@ -18,7 +18,7 @@ import matplotlib.pyplot as plt
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import fmt, hardware, read_run, report_main  # noqa: E402
+from common import fmt, hardware, read_run, report_main, save_figure  # noqa: E402
 
 from diffem.config import EMConfig, _from_dict  # noqa: E402
 from diffem.em import lap_dir  # noqa: E402
@@ -114,11 +114,7 @@ def write_figure(config: dict, records: list[dict], path: Path, run_dir: Path, n
                 ax.set_title(f"$x_{a}$ vs $x_{b}$", fontsize=9)
             if j == 0:
                 ax.set_ylabel(label, fontsize=9)
-    fig.suptitle(f"Manifold ({config['profile']} profile): prior samples by lap", fontsize=10)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, f"Manifold ({config['profile']} profile): prior samples by lap")
 
 
 def main(argv=None) -> int:

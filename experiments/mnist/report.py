@@ -18,7 +18,7 @@ import matplotlib.pyplot as plt
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import fmt, hardware, read_run, report_main  # noqa: E402
+from common import fmt, hardware, read_run, report_main, save_figure  # noqa: E402
 
 from diffem.config import EMConfig, _from_dict  # noqa: E402
 from diffem.tasks import get_task  # noqa: E402
@@ -85,11 +85,7 @@ def write_figure(config: dict, records: list[dict], path: Path, run_dir: Path, c
     fig, axes = plt.subplots(len(rows), 1, figsize=(columns * 0.75, len(rows) * 0.85))
     for ax, (title, images) in zip(axes, rows):
         _grid(ax, images, title)
-    fig.suptitle(f"MNIST ({config['profile']} profile): posterior samples and prior samples by lap", fontsize=10)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, f"MNIST ({config['profile']} profile): posterior samples and prior samples by lap")
 
 
 def main(argv=None) -> int:
