@@ -1,21 +1,22 @@
 #!/usr/bin/env bash
 # Regenerate an experiment's table and figure from a real run.
 #
-#   bash reproduce.sh <experiment> [--profile P] [extra `diffem train` arguments]
+#   bash reproduce.sh [<experiment>] [--profile P] [extra `diffem train` arguments]
 #
-# experiments: manifold (more as they land). The profile defaults to `paper` on a CUDA
-# machine and `cpu` otherwise. Runs resume: rerun the same command after an interruption.
+# experiments: cifar10 (the default: the paper's headline table), manifold, mnist. The
+# profile defaults to `paper` on a CUDA machine and `cpu` otherwise. Runs resume: rerun the
+# same command after an interruption.
 # Multi-GPU: ACCELERATE="accelerate launch --multi_gpu --num_processes 4" bash reproduce.sh ...
 set -euo pipefail
 cd "$(dirname "$0")"
 
-experiment="${1:-}"
-if [ -z "$experiment" ]; then
-    echo "usage: bash reproduce.sh <experiment> [--profile P] [--set key=value ...]" >&2
+experiment=cifar10
+if [ $# -gt 0 ] && [ "${1#-}" = "$1" ]; then experiment="$1"; shift; fi
+if [ ! -d "experiments/$experiment" ]; then
+    echo "usage: bash reproduce.sh [<experiment>] [--profile P] [--set key=value ...]" >&2
     echo "experiments: $(ls experiments | grep -v '\.py$' | grep -v __pycache__ | tr '\n' ' ')" >&2
     exit 2
 fi
-shift
 profile=""
 args=()
 while [ $# -gt 0 ]; do
