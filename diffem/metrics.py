@@ -62,6 +62,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .data._common import default_cache_dir
+
 __all__ = [
     "default_cache_dir",
     "setup_inception",
@@ -88,11 +90,6 @@ _FEATURES = "2048"
 _LOGITS = "logits_unbiased"
 _STATS_VERSION = 1
 _KEY_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-
-
-def default_cache_dir() -> Path:
-    """The cache folder: ``$DIFFEM_CACHE`` if set, else ``~/.cache/diffem``."""
-    return Path(os.environ.get("DIFFEM_CACHE") or Path.home() / ".cache" / "diffem").expanduser()
 
 
 def _cache(cache_dir) -> Path:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -26,3 +28,11 @@ def image_indices(indices: Sequence[int] | Tensor | None, n: int) -> np.ndarray:
     if (idx < 0).any():
         raise ValueError("`indices` must be non-negative")
     return idx
+
+
+def default_cache_dir() -> Path:
+    """The cache folder of datasets, FID statistics and converted weights.
+
+    ``$DIFFEM_CACHE`` if set, else ``~/.cache/diffem``.
+    """
+    return Path(os.environ.get("DIFFEM_CACHE") or Path.home() / ".cache" / "diffem").expanduser()

@@ -44,7 +44,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ._common import check_seed, image_indices
+from ._common import check_seed, default_cache_dir, image_indices
 
 __all__ = [
     "CIFAR10_HUB_ID",
@@ -77,7 +77,7 @@ _FORMAT_VERSION = 1
 def _cache_dir(cache_dir) -> Path:
     if cache_dir is not None:
         return Path(cache_dir).expanduser()
-    return Path(os.environ.get("DIFFEM_CACHE") or Path.home() / ".cache" / "diffem").expanduser()
+    return default_cache_dir()
 
 
 # ---------------------------------------------------------------------------
