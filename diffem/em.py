@@ -38,6 +38,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import platform
 import shutil
 import time
 from pathlib import Path
@@ -82,6 +83,37 @@ def _is_complete(folder: Path) -> bool:
     return (folder / "model_index.json").exists()
 
 
+
+def describe_hardware(num_processes: int = 1) -> str:
+    """One line naming the machine a run is measured on, stored in every lap's record.
+
+    Wall times are only comparable on the same hardware: U-Net training steps were seen
+    to take 2-3x longer on one 2-core "AMD EPYC" host than on another of the same name, so
+    the CPU line also names the instruction set PyTorch dispatches to
+    (``torch.backends.cpu.get_cpu_capability``, e.g. AVX2 or AVX512).
+
+    Args:
+        num_processes: processes of the run (``accelerate launch --num_processes``).
+
+    Returns:
+        e.g. ``"1 process(es) on 4 x NVIDIA H100 80GB HBM3"`` or
+        ``"1 process(es) on CPU only: AMD EPYC, 2 cores, AVX2, 2 torch threads"``.
+    """
+    if torch.cuda.is_available():
+        machine = f"{torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}"
+    else:
+        model = platform.processor() or platform.machine()
+        try:
+            for line in Path("/proc/cpuinfo").read_text().splitlines():
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+        except OSError:
+            pass
+        machine = (f"CPU only: {model}, {os.cpu_count()} cores, {torch.backends.cpu.get_cpu_capability()}, "
+                   f"{torch.get_num_threads()} torch threads")
+    return f"{num_processes} process(es) on {machine}"
+
 class EMTrainer:
     """Runs the laps of one configured experiment; see the module docstring.
 
@@ -120,6 +152,7 @@ class EMTrainer:
         acc.wait_for_everyone()
 
     def _log_metrics(self, record: dict) -> None:
+        record.setdefault("hardware", describe_hardware(self.accelerator.num_processes))
         if self.accelerator.is_main_process:
             with open(self.run_dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")

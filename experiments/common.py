@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 from pathlib import Path
 
 import yaml
@@ -25,25 +24,20 @@ def read_run(run_dir: str | os.PathLike) -> tuple[dict, list[dict]]:
     return config, [records[k] for k in sorted(records)]
 
 
-def hardware() -> str:
-    """A one-line description of the machine (CPU model and cores, or the GPU)."""
-    try:
-        import torch
+def hardware(records: list[dict] = ()) -> str:
+    """The machine(s) the runs were measured on, from their records' ``hardware`` field.
 
-        if torch.cuda.is_available():
-            return f"{torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}"
-        threads = torch.get_num_threads()
-    except ImportError:  # pragma: no cover
-        threads = os.cpu_count()
-    model = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"CPU only: {model}, {os.cpu_count()} cores, {threads} torch threads"
+    Records written before runs stored it fall back to the machine writing the report,
+    said as such.
+    """
+    from diffem.em import describe_hardware
+
+    seen = sorted({r["hardware"] for r in records if r.get("hardware")})
+    missing = any(not r.get("hardware") for r in records) or not records
+    parts = list(seen)
+    if missing:
+        parts.append(f"not recorded by the runs; the machine writing this report: {describe_hardware()}")
+    return "; ".join(parts)
 
 
 def fmt(value, digits: int = 3) -> str:

@@ -4,7 +4,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import datasets
@@ -29,16 +28,14 @@ needs_data = pytest.mark.skipif(
 def smoke_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("cifar10-smoke")
     config = load_config("cifar10", "smoke", overrides=[f"output_dir={out}"])
-    start = time.perf_counter()
     records = EMTrainer(config, progress=False).run()
-    return out, config, records, time.perf_counter() - start
+    return out, config, records
 
 
 # -- end to end ----------------------------------------------------------------------------------
 @needs_data
 def test_smoke_profile_end_to_end(smoke_run):
-    out, config, records, seconds = smoke_run
-    assert seconds < 120
+    out, config, records = smoke_run
     assert [r["lap"] for r in records] == [0, 1, 2]
     lines = (out / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["lap"] for line in lines] == [0, 1, 2]
@@ -63,7 +60,7 @@ def test_smoke_profile_end_to_end(smoke_run):
 
 @needs_data
 def test_observation_set_holds_only_y_and_mask(smoke_run):
-    out, config, _, _ = smoke_run
+    out, config, _ = smoke_run
     ds = datasets.load_from_disk(str(out / "observations"))
     assert sorted(ds.column_names) == ["mask", "y"]
     obs = get_task(config).observations(out)
@@ -79,7 +76,7 @@ def test_observation_set_holds_only_y_and_mask(smoke_run):
 @needs_data
 def test_observed_images_span_the_classes(smoke_run):
     # The offline split is sorted by class: the task observes a fixed shuffle of it.
-    _, config, _, _ = smoke_run
+    _, config, _ = smoke_run
     task = get_task(config)
     labels = task._train_split().select(task._order[:64].tolist())["label"]
     assert len(set(labels)) >= 8

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from diffem.config import ConfigError, load_config
-from diffem.em import EMTrainer, lap_dir
+from diffem.em import EMTrainer, describe_hardware, lap_dir
 from diffem.tasks import ObservationSet, get_task
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,12 +34,12 @@ def _weights(run: Path, lap: int) -> dict:
 
 def test_two_laps_end_to_end(tmp_path):
     config = load_config("manifold", "smoke", overrides=[f"output_dir={tmp_path}"])
-    start = time.perf_counter()
     records = EMTrainer(config, progress=False).run()
-    assert time.perf_counter() - start < 60
     assert [r["lap"] for r in records] == [0, 1, 2]
     for r in records:
         assert r["sinkhorn"] > 0 and r["estep_time_s"] >= 0
+        # Wall times are only meaningful with the machine they were measured on.
+        assert r["hardware"].startswith("1 process(es) on ") and r["hardware"] == describe_hardware()
     assert (tmp_path / "config.yaml").exists()
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(l)["lap"] for l in lines] == [0, 1, 2]

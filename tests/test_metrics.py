@@ -7,7 +7,6 @@ import io
 import json
 import math
 import tarfile
-import time
 from pathlib import Path
 
 import numpy as np

@@ -3,7 +3,6 @@
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -20,9 +19,7 @@ pytestmark = pytest.mark.skipif(not DATA.is_dir(), reason="offline MNIST not fou
 
 def test_one_lap_tiny_transformer_end_to_end(tmp_path):
     config = load_config("mnist", "smoke", overrides=[f"output_dir={tmp_path}"])
-    start = time.perf_counter()
     records = EMTrainer(config, progress=False).run()
-    assert time.perf_counter() - start < 60
     assert [r["lap"] for r in records] == [0, 1]
     for r in records:
         assert r["psnr_posterior_mean"] > 0 and r["psnr_observation"] > 0

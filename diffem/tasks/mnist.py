@@ -8,7 +8,6 @@ the same split, which are never observed.
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 from ..config import ConfigError

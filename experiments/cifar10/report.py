@@ -161,7 +161,7 @@ def write_table(levels: list[Level], path: Path, profile: str) -> None:
     else:
         lines.append(f"- profile: `{profile}`; no run found")
     lines += [
-        f"- hardware (of the machine writing this report): {hardware()}",
+        f"- hardware: {hardware([r for lv in ran for r in lv.records])}",
         "- paper: Rozet et al. 2024 (arXiv:2405.13712, Section 5.2), after 32 laps, 50k DDIM-256 samples against the original train set",
         "",
         "## Summary",

@@ -15,10 +15,9 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import fmt, hardware, read_run, report_main, save_figure  # noqa: E402
+from common import fmt, hardware, report_main, save_figure  # noqa: E402
 
 from diffem.config import EMConfig, _from_dict  # noqa: E402
 from diffem.em import lap_dir  # noqa: E402
@@ -48,7 +47,7 @@ def write_table(config: dict, records: list[dict], path: Path, run_dir: Path) ->
         f"{data.get('sinkhorn_maxiter')} log-domain iterations) between {config['eval']['samples']} prior samples "
         f"({config['eval']['method'].upper()} {config['eval']['steps']} steps) and {data.get('eval_points')} held-out "
         "ground-truth points, minus the same between two ground-truth sets, floored at 1e-6 (the authors' definition)",
-        f"- hardware: {hardware()}",
+        f"- hardware: {hardware(records)}",
         "",
         "| lap | prior | Sinkhorn divergence | E-step (s) | M-step (s) | eval (s) | train loss | discarded samples |",
         "|---:|---|---:|---:|---:|---:|---:|---:|",

@@ -18,7 +18,7 @@ import matplotlib.pyplot as plt
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import fmt, hardware, read_run, report_main, save_figure  # noqa: E402
+from common import fmt, hardware, report_main, save_figure  # noqa: E402
 
 from diffem.config import EMConfig, _from_dict  # noqa: E402
 from diffem.tasks import get_task  # noqa: E402
@@ -42,7 +42,7 @@ def write_table(config: dict, records: list[dict], path: Path, run_dir: Path) ->
         f"{config['eval']['steps']} steps) against {d['fid_reference']} other clean MNIST test digits, torch-fidelity "
         "Inception (offline weights, grayscale repeated to RGB); few samples, so FID is biased upward: compare laps, "
         "not papers",
-        f"- hardware: {hardware()}",
+        f"- hardware: {hardware(records)}",
         "",
         "| lap | prior | PSNR y | PSNR posterior mean | PSNR one sample | FID | E-step (s) | M-step (s) | eval (s) |",
         "|---:|---|---:|---:|---:|---:|---:|---:|---:|",
