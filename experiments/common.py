@@ -32,11 +32,14 @@ def hardware(records: list[dict] = ()) -> str:
     """
     from diffem.em import describe_hardware
 
-    seen = sorted({r["hardware"] for r in records if r.get("hardware")})
-    missing = any(not r.get("hardware") for r in records) or not records
-    parts = list(seen)
+    parts = sorted({r["hardware"] for r in records if r.get("hardware")})
+    missing = sum(1 for r in records if not r.get("hardware"))
+    if not records:
+        return f"the machine writing this report: {describe_hardware()}"
     if missing:
-        parts.append(f"not recorded by the runs; the machine writing this report: {describe_hardware()}")
+        which = "the runs" if missing == len(records) else f"{missing} of {len(records)} lap records"
+        parts.append(f"not recorded by {which} (written before records named it); "
+                     f"the machine writing this report: {describe_hardware()}")
     return "; ".join(parts)
 
 
