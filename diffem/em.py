@@ -83,7 +83,6 @@ def _is_complete(folder: Path) -> bool:
     return (folder / "model_index.json").exists()
 
 
-
 def describe_hardware(num_processes: int = 1) -> str:
     """One line naming the machine a run is measured on, stored in every lap's record.
 
@@ -113,6 +112,7 @@ def describe_hardware(num_processes: int = 1) -> str:
         machine = (f"CPU only: {model}, {os.cpu_count()} cores, {torch.backends.cpu.get_cpu_capability()}, "
                    f"{torch.get_num_threads()} torch threads")
     return f"{num_processes} process(es) on {machine}"
+
 
 class EMTrainer:
     """Runs the laps of one configured experiment; see the module docstring.

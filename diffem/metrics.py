@@ -61,7 +61,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .data._common import default_cache_dir
+from .data._common import default_cache_dir, resolve_cache_dir
 
 __all__ = [
     "default_cache_dir",
@@ -89,10 +89,6 @@ _FEATURES = "2048"
 _LOGITS = "logits_unbiased"
 _STATS_VERSION = 1
 _KEY_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-
-
-def _cache(cache_dir) -> Path:
-    return default_cache_dir() if cache_dir is None else Path(cache_dir).expanduser()
 
 
 # ---------------------------------------------------------------------------
@@ -196,7 +192,7 @@ def setup_inception(
         ValueError: If ``source`` is not the expected network (layer count, shapes,
             or torch-fidelity refuses the converted state dict).
     """
-    target = _cache(cache_dir) / "inception" / CONVERTED_WEIGHTS_NAME
+    target = resolve_cache_dir(cache_dir) / "inception" / CONVERTED_WEIGHTS_NAME
     if target.is_file() and not force:
         return target
     source = _fid_helper_source() if source is None else Path(source).expanduser()
@@ -442,7 +438,7 @@ def _fingerprint(pixels: Tensor) -> str:
 def _stats_file(cache_key: str, cache_dir) -> Path:
     if not isinstance(cache_key, str) or not _KEY_PATTERN.match(cache_key):
         raise ValueError(f"`cache_key` must be a file-name-safe string like 'cifar10-train-jpeg', got {cache_key!r}")
-    return _cache(cache_dir) / "fid_stats" / f"{cache_key}.npz"
+    return resolve_cache_dir(cache_dir) / "fid_stats" / f"{cache_key}.npz"
 
 
 def reference_statistics(

@@ -32,10 +32,10 @@ def hardware(records: list[dict] = ()) -> str:
     """
     from diffem.em import describe_hardware
 
-    parts = sorted({r["hardware"] for r in records if r.get("hardware")})
-    missing = sum(1 for r in records if not r.get("hardware"))
     if not records:
         return f"the machine writing this report: {describe_hardware()}"
+    parts = sorted({r["hardware"] for r in records if r.get("hardware")})
+    missing = sum(1 for r in records if not r.get("hardware"))
     if missing:
         which = "the runs" if missing == len(records) else f"{missing} of {len(records)} lap records"
         parts.append(f"not recorded by {which} (written before records named it); "

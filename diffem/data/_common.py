@@ -36,3 +36,8 @@ def default_cache_dir() -> Path:
     ``$DIFFEM_CACHE`` if set, else ``~/.cache/diffem``.
     """
     return Path(os.environ.get("DIFFEM_CACHE") or Path.home() / ".cache" / "diffem").expanduser()
+
+
+def resolve_cache_dir(cache_dir: str | os.PathLike | None) -> Path:
+    """``cache_dir`` as a path (``~`` expanded), or :func:`default_cache_dir` when ``None``."""
+    return default_cache_dir() if cache_dir is None else Path(cache_dir).expanduser()

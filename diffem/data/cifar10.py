@@ -44,7 +44,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ._common import check_seed, default_cache_dir, image_indices
+from ._common import check_seed, image_indices, resolve_cache_dir
 
 __all__ = [
     "CIFAR10_HUB_ID",
@@ -72,12 +72,6 @@ _SIDE = 32
 _HUB_ALIASES = {"hub", "online", CIFAR10_HUB_ID}
 _IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 _FORMAT_VERSION = 1
-
-
-def _cache_dir(cache_dir) -> Path:
-    if cache_dir is not None:
-        return Path(cache_dir).expanduser()
-    return default_cache_dir()
 
 
 # ---------------------------------------------------------------------------
@@ -274,7 +268,7 @@ def load_cifar10(
     path = Path(source).expanduser()
     if not path.exists():
         raise FileNotFoundError(f"{origin}: CIFAR-10 source not found: {path}")
-    target = _cache_dir(cache_dir) / "cifar10" / _fingerprint(path)
+    target = resolve_cache_dir(cache_dir) / "cifar10" / _fingerprint(path)
     if not target.is_dir():
         target.parent.mkdir(parents=True, exist_ok=True)
         _build(path, target)
