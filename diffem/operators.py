@@ -15,6 +15,8 @@ broadcast silently: a mismatch raises a :class:`ValueError` naming the argument.
 Each operator implements the forward map ``A(x)`` and its adjoint ``A.T(y)``,
 with respect to the real Euclidean inner products of the input and output
 spaces, so that :math:`\langle A x, y \rangle = \langle x, A^T y \rangle`.
+Most also implement the Moore-Penrose pseudo-inverse ``A.pinv(y)``,
+:math:`A^+ = A^T (A A^T)^+` (``A.has_pinv`` says whether one does).
 
 References:
     Rozet et al., "Learning Diffusion Priors from Observations by Expectation
@@ -36,6 +38,8 @@ __all__ = [
     "Projection",
     "SubsampledFourier",
     "GaussianObservation",
+    "column_mask",
+    "column_mask_fraction",
     "check_finite",
     "check_batch",
 ]
@@ -79,6 +83,17 @@ class LinearOperator:
     def _adjoint(self, y: Tensor) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def _pinv(self, y: Tensor) -> Tensor:
+        raise NotImplementedError(
+            f"{type(self).__name__} has no pseudo-inverse: implement `_pinv` (A^+ = A^T (A A^T)^+) "
+            "to use it with a method that needs one (e.g. PiGDM)"
+        )
+
+    @property
+    def has_pinv(self) -> bool:
+        """Whether this operator implements :meth:`pinv` (an exact pseudo-inverse)."""
+        return type(self)._pinv is not LinearOperator._pinv
+
     def parameters(self) -> dict[str, Tensor]:
         """The per-sample parameters, by name (what a dataset of observations stores)."""
         return {}
@@ -96,6 +111,23 @@ class LinearOperator:
         """Apply the adjoint: ``(*batch, *out_shape) -> (*batch, *in_shape)``."""
         self._check_input("y", y, self.out_shape)
         return self._adjoint(y)
+
+    def pinv(self, y: Tensor) -> Tensor:
+        r"""Apply the Moore-Penrose pseudo-inverse :math:`A^+ = A^T (A A^T)^+`.
+
+        ``(*batch, *out_shape) -> (*batch, *in_shape)``. It satisfies
+        :math:`A A^+ A = A`, :math:`A^+ A A^+ = A^+` and :math:`A^+ y` is the
+        minimum-norm least-squares solution of :math:`A x = y`.
+
+        Raises:
+            NotImplementedError: naming the operator class, if it has no pseudo-inverse
+                (see :attr:`has_pinv`).
+            ValueError / TypeError: if ``y`` has the wrong shape or is not a tensor.
+        """
+        if not self.has_pinv:
+            self._pinv(y)  # raises the NotImplementedError naming the class
+        self._check_input("y", y, self.out_shape)
+        return self._pinv(y)
 
     def output_shape(self, in_shape: Sequence[int]) -> tuple:
         """The event shape of ``A(x)`` for an ``x`` of event shape ``in_shape``."""
@@ -142,6 +174,9 @@ class Identity(LinearOperator):
         return x
 
     def _adjoint(self, y: Tensor) -> Tensor:
+        return y
+
+    def _pinv(self, y: Tensor) -> Tensor:
         return y
 
     def _replace(self, **params):
@@ -218,6 +253,8 @@ class Mask(LinearOperator):
         return x * self.mask.to(x.dtype)
 
     _adjoint = _forward
+    # A = diag(m) with m in {0, 1} is an orthogonal projection: A^+ = A.
+    _pinv = _forward
 
 
 class Projection(LinearOperator):
@@ -226,6 +263,10 @@ class Projection(LinearOperator):
     Arguments:
         matrix: A float tensor of shape ``(*batch, m, d)``, ``batch`` equal to ``()``
             or ``(B,)``. Acts on ``x`` of shape ``(*batch, d)``; ``A.T`` on ``(*batch, m)``.
+
+    ``A.pinv`` is the per-sample Moore-Penrose pseudo-inverse of the matrix
+    (:func:`torch.linalg.pinv`, computed in the dtype of ``y``, singular values
+    below its default ``rtol`` = max(m, d) * eps treated as zero).
 
     Raises:
         ValueError: if ``matrix`` is not floating point, not 2-D or 3-D, or not finite.
@@ -253,6 +294,9 @@ class Projection(LinearOperator):
     def _adjoint(self, y: Tensor) -> Tensor:
         return (self.matrix.to(y.dtype).mT @ y[..., None])[..., 0]
 
+    def _pinv(self, y: Tensor) -> Tensor:
+        return (torch.linalg.pinv(self.matrix.to(y.dtype)) @ y[..., None])[..., 0]
+
 
 class SubsampledFourier(LinearOperator):
     r"""Column-subsampled, orthonormal, centred 2-D Fourier transform (MRI k-space).
@@ -266,9 +310,50 @@ class SubsampledFourier(LinearOperator):
     ``(*batch, 2, H, W)``. The adjoint is the real part of the centred inverse
     DFT of the masked k-space.
 
+    **Pseudo-inverse.** Write :math:`F_c = S F S'` and :math:`k = y_0 + i y_1`.
+    In the centred indexing the DC column is :math:`c_0 = \lfloor W/2 \rfloor`
+    and column :math:`v` mirrors to :math:`\bar v = (2 c_0 - v) \bmod W`
+    (likewise for rows). Let :math:`(P k)[u, v] = \overline{k[\bar u, \bar v]}`,
+    a real-linear, orthogonal and symmetric involution. Since
+    :math:`\overline{F_c^H k} = F_c^H P k`,
+
+    .. math:: A A^T k = M F_c \operatorname{Re}(F_c^H M k)
+              = \tfrac12 (M k + M P M k).
+
+    This splits over the sampled columns:
+
+    * a column :math:`v` whose mirror :math:`\bar v` is sampled too (DC always, and
+      the Nyquist column :math:`v = 0` at even ``W``, which are their own mirrors):
+      :math:`A A^T = \tfrac12 (I + P)`, the orthogonal projection onto
+      Hermitian-symmetric k-space, eigenvalues 1 and 0 (the anti-Hermitian part,
+      e.g. the imaginary part at the self-mirrored points, is never produced by a
+      real image);
+    * a column whose mirror is not sampled: :math:`M P M = 0` there, so
+      :math:`A A^T = \tfrac12 I`;
+    * an unsampled column: 0.
+
+    Hence :math:`(A A^T)^+ = \tfrac12(I + P) M_2 + 2 M_1` (:math:`M_2`, :math:`M_1`:
+    the sampled columns with / without their mirror), and since
+    :math:`A^T P k = A^T k` for ``k`` supported on :math:`M_2`,
+
+    .. math:: A^+ y = A^T \big( (M_2 + 2 M_1) \, y \big),
+
+    i.e. the zero-filled reconstruction with the k-space columns whose mirror is
+    missing counted twice. :math:`A^+ \ne A^T` unless the mask is symmetric.
+
+    **Consequence.** A real image's spectrum is conjugate-symmetric, so column
+    :math:`v` also tells column :math:`\bar v`: the rank of ``A`` (real degrees of
+    freedom observed) is :math:`H` per sampled self-mirrored column plus
+    :math:`2H` per sampled pair :math:`\{v, \bar v\}` (whether one or both are
+    sampled). With random columns the effective acceleration
+    :math:`HW / \operatorname{rank} A` (:meth:`effective_acceleration`) is
+    therefore milder than the nominal ``R`` = W / (sampled columns), by up
+    to a factor 2.
+
     Arguments:
         mask: A boolean tensor of shape ``(*batch, W)``, ``batch`` equal to ``()``
-            or ``(B,)``; ``True`` marks a sampled k-space column.
+            or ``(B,)``; ``True`` marks a sampled k-space column (centred indexing,
+            DC at ``W // 2``; see :func:`column_mask`).
         height: The image height ``H`` (default: ``W``, square images).
 
     References:
@@ -299,6 +384,121 @@ class SubsampledFourier(LinearOperator):
         k = torch.complex(y[..., 0, :, :], y[..., 1, :, :]) * self.mask[..., None, :].to(y.dtype)
         x = torch.fft.fftshift(torch.fft.ifft2(torch.fft.ifftshift(k, dim=(-2, -1)), norm="ortho"), dim=(-2, -1))
         return x.real[..., None, :, :]
+
+    def mirrored_mask(self) -> Tensor:
+        r"""The mask of the mirror columns, ``(*batch, W)``: entry ``v`` is ``mask[(2 (W//2) - v) % W]``."""
+        width = self.mask.shape[-1]
+        mirror = (2 * (width // 2) - torch.arange(width, device=self.mask.device)) % width
+        return self.mask[..., mirror]
+
+    def _pinv(self, y: Tensor) -> Tensor:
+        # A^+ y = A^T((M_2 + 2 M_1) y): weight 1 where the mirror column is sampled, 2 where not.
+        weight = 2.0 - self.mirrored_mask().to(y.dtype)
+        return self._adjoint(y * weight[..., None, None, :])
+
+    def rank(self) -> Tensor:
+        r"""The rank of ``A`` on real images, per sample, ``(*batch,)`` (int64).
+
+        :math:`H` per sampled self-mirrored column (DC; Nyquist at even ``W``) plus
+        :math:`2H` per distinct sampled pair :math:`\{v, \bar v\}`; see the class docstring.
+        """
+        m, mm = self.mask, self.mirrored_mask()
+        width = m.shape[-1]
+        mirror = (2 * (width // 2) - torch.arange(width, device=m.device)) % width
+        self_mirrored = mirror == torch.arange(width, device=m.device)
+        pairs = (m | mm) & ~self_mirrored  # each distinct pair {v, v̄} is counted at both v and v̄
+        return self.height * ((m & self_mirrored).sum(-1) + pairs.sum(-1))
+
+    def effective_acceleration(self) -> Tensor:
+        r"""``H W / rank(A)`` per sample, ``(*batch,)``: the acceleration seen by a real image.
+
+        Milder than the nominal ``W / mask.sum(-1)`` (down to half of it), because a
+        real image's spectrum is conjugate-symmetric.
+        """
+        return self.height * self.mask.shape[-1] / self.rank().double()
+
+
+def _column_mask_parameters(width: int, acceleration: float) -> tuple[int, float]:
+    """Half the number of centre columns and the keep probability of the others."""
+    if isinstance(width, bool) or int(width) != width or width < 2:
+        raise ValueError(f"`width` must be an integer >= 2, got {width!r}")
+    try:
+        R = float(acceleration)
+    except (TypeError, ValueError):
+        raise TypeError(f"`acceleration` must be a number >= 1, got {acceleration!r}") from None
+    if not (R >= 1 and math.isfinite(R)):
+        raise ValueError(f"`acceleration` must be a finite number >= 1, got {acceleration!r}")
+    width = int(width)
+    # The authors' mask at width 320: ceil(60 / R) columns either side of DC, the others kept
+    # with probability 200 / (320 R - 120); its expected kept fraction is
+    half_320 = math.ceil(60 / R)
+    p_320 = 200 / (320 * R - 120)
+    fraction = (2 * half_320 + p_320 * (320 - 2 * half_320)) / 320  # = 1 / R when R divides 60
+    if width == 320:
+        return half_320, p_320
+    # At another width: the centre scaled (ceil(60 W / (320 R)) either side, at least 1) and the
+    # keep probability chosen so that the expected kept fraction is the same.
+    half = min(math.ceil(60 * width / (320 * R)), width // 2)
+    rest = width - 2 * half
+    p = 0.0 if rest == 0 else min(max((fraction * width - 2 * half) / rest, 0.0), 1.0)
+    return half, p
+
+
+def column_mask_fraction(width: int, acceleration: float) -> float:
+    """The expected fraction of columns that :func:`column_mask` keeps (about ``1 / acceleration``).
+
+    Exactly the fraction of the authors' 320-wide mask, unless the centre alone
+    (rounded up to whole columns) exceeds it at a small ``width``.
+    """
+    half, p = _column_mask_parameters(width, acceleration)
+    return (2 * half + p * (width - 2 * half)) / width
+
+
+def column_mask(
+    width: int,
+    acceleration: float,
+    generator: torch.Generator,
+    batch: int | Sequence[int] = (),
+) -> Tensor:
+    r"""The fastMRI random column mask for :class:`SubsampledFourier`, seeded and replayable.
+
+    At ``width`` 320 this is the authors' mask (their ``make_mask``, after Jalal et
+    al. 2021): the :math:`2 \lceil 60/R \rceil` centre columns
+    ``[W//2 - c, W//2 + c)`` (DC at ``W // 2``, one more column below it than
+    above), and every other column kept independently with probability
+    :math:`200 / (320 R - 120)`; the expected kept fraction is :math:`1/R` when
+    ``R`` divides 60 (e.g. 80 columns at R = 4), slightly more otherwise. At another
+    width the centre is :math:`c = \lceil 60 W / (320 R) \rceil` either side and the
+    probability is rescaled so that the expected kept fraction is the same as at
+    320 (:func:`column_mask_fraction`). The authors drew from numpy's global RNG;
+    here every draw comes from ``generator``, one row of ``width`` uniforms per
+    sample in order, so sample ``i`` does not depend on the batch size.
+
+    Arguments:
+        width: The number of k-space columns ``W`` (>= 2).
+        acceleration: The nominal acceleration ``R`` >= 1.
+        generator: A seeded :class:`torch.Generator` (required); the mask is on its device.
+        batch: The batch shape, an int ``B`` or a tuple (default ``()``: one mask).
+
+    Returns:
+        A boolean tensor of shape ``(*batch, width)``, ``True`` = sampled column.
+
+    Raises:
+        ValueError: if ``width`` < 2, ``acceleration`` < 1 or not finite, or ``generator`` is missing.
+
+    References:
+        Rozet et al. 2024, Section 5.3 and their ``experiments/fastmri/utils.py``;
+        Jalal et al., "Robust Compressed Sensing MRI with Deep Generative Priors", 2021.
+    """
+    half, p = _column_mask_parameters(width, acceleration)
+    if not isinstance(generator, torch.Generator):
+        raise ValueError("`generator` is required: pass a seeded torch.Generator")
+    batch = (int(batch),) if isinstance(batch, int) else tuple(int(b) for b in batch)
+    u = torch.rand(*batch, int(width), generator=generator, device=generator.device, dtype=torch.float64)
+    mask = u < p
+    centre = int(width) // 2
+    mask[..., centre - half : centre + half] = True
+    return mask
 
 
 def _check_noise_std(noise_std) -> float:

@@ -383,3 +383,155 @@ def test_operator_to_dtype_keeps_masks_boolean(kind):
         assert value.dtype == expected, name
     x = torch.randn(2, *in_shape, generator=g, dtype=torch.float64)
     torch.testing.assert_close(B(x.float()).double(), A(x), rtol=1e-5, atol=1e-5)
+
+
+# -- pseudo-inverse --------------------------------------------------------------------------------
+
+
+def _dense(A, in_shape):
+    """The dense matrix (m, d) of an operator with batch shape (), in float64."""
+    d = math.prod(in_shape)
+    columns = [A(torch.eye(d, dtype=torch.float64)[j].reshape(in_shape)).reshape(-1) for j in range(d)]
+    return torch.stack(columns, dim=-1)
+
+
+def _dense_pinv(A, out_shape):
+    m = math.prod(out_shape)
+    columns = [A.pinv(torch.eye(m, dtype=torch.float64)[j].reshape(out_shape)).reshape(-1) for j in range(m)]
+    return torch.stack(columns, dim=-1)
+
+
+def _fourier_sizes():
+    # (H, W) at odd and even sizes, masks with and without mirrored columns.
+    return [(6, 7), (7, 6), (5, 5), (4, 8)]
+
+
+@pytest.mark.parametrize("batch", BATCHES)
+@pytest.mark.parametrize("kind", KINDS)
+def test_pinv_penrose_identities(kind, batch):
+    """A A^+ A = A and A^+ A A^+ = A^+ on random vectors, per sample."""
+    g = _gen(20)
+    A, in_shape, out_shape = make_operator(kind, batch, g)
+    assert A.has_pinv
+    x = torch.randn(*batch, *in_shape, generator=g, dtype=torch.float64)
+    y = torch.randn(*batch, *out_shape, generator=g, dtype=torch.float64)
+    assert A.pinv(y).shape == (*batch, *in_shape)
+    torch.testing.assert_close(A(A.pinv(A(x))), A(x), rtol=0, atol=1e-10)
+    torch.testing.assert_close(A.pinv(A(A.pinv(y))), A.pinv(y), rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("H, W", _fourier_sizes())
+@pytest.mark.parametrize("seed", range(3))
+def test_fourier_pinv_equals_dense_pinv(H, W, seed):
+    """A.pinv is the Moore-Penrose pseudo-inverse of the dense real matrix of A, odd and even sizes."""
+    g = _gen(30 + seed)
+    mask = torch.rand(W, generator=g) < 0.5
+    mask[W // 2] = True
+    A = SubsampledFourier(mask, height=H)
+    M = _dense(A, (1, H, W))
+    expected = torch.linalg.pinv(M)
+    torch.testing.assert_close(_dense_pinv(A, (2, H, W)), expected, rtol=0, atol=1e-10)
+    # The rank and the eigenvalues {0, 1/2, 1} of A A^T, as derived in the docstring.
+    assert int(A.rank()) == torch.linalg.matrix_rank(M).item()
+    eig = torch.linalg.eigvalsh(M @ M.T)
+    assert torch.all((eig.abs() < 1e-10) | ((eig - 0.5).abs() < 1e-10) | ((eig - 1).abs() < 1e-10))
+    single = (mask & ~A.mirrored_mask()).any()
+    assert bool(((eig - 0.5).abs() < 1e-10).any()) == bool(single)
+
+
+@pytest.mark.parametrize("W", [7, 8])
+def test_fourier_pinv_differs_from_adjoint_for_asymmetric_mask(W):
+    """A kept column whose mirror is dropped: A A^T = I/2 there, so A^+ = 2 A^T on it, not A^T."""
+    mask = torch.zeros(W, dtype=torch.bool)
+    mask[W // 2] = True  # DC: self-mirrored
+    mask[W // 2 + 1] = True  # its mirror W//2 - 1 is dropped
+    A = SubsampledFourier(mask, height=4)
+    y = A(torch.randn(1, 4, W, generator=_gen(40), dtype=torch.float64))
+    assert not torch.allclose(A.pinv(y), A.T(y))
+    torch.testing.assert_close(A(A.pinv(y)), y, rtol=0, atol=1e-12)  # y in the range of A
+    # Nominal acceleration W / 2; effective W * H / rank = W / 3 (the pair counts twice).
+    torch.testing.assert_close(A.effective_acceleration(), torch.tensor(W / 3, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("batch", BATCHES)
+def test_projection_pinv_matches_torch(batch):
+    g = _gen(41)
+    M = torch.randn(*batch, 3, 5, generator=g, dtype=torch.float64)
+    y = torch.randn(*batch, 3, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(Projection(M).pinv(y), (torch.linalg.pinv(M) @ y[..., None])[..., 0])
+
+
+def test_pinv_missing_raises_naming_the_class():
+    from diffem.operators import LinearOperator
+
+    class Blur(LinearOperator):
+        in_shape = out_shape = (3,)
+
+        def _forward(self, x):
+            return x
+
+        _adjoint = _forward
+
+    A = Blur()
+    assert not A.has_pinv
+    with pytest.raises(NotImplementedError, match="Blur"):
+        A.pinv(torch.zeros(3))
+
+
+def test_pinv_checks_shape():
+    A = Projection(torch.randn(2, 3, 4))
+    with pytest.raises(ValueError, match="`y`"):
+        A.pinv(torch.zeros(2, 4))
+
+
+# -- fastMRI column mask ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("R", [4, 6, 8, 16, 32])
+@pytest.mark.parametrize("W", [320, 64])
+def test_column_mask_fraction(R, W):
+    """The kept fraction matches the stated one within sampling error; the centre is always kept."""
+    from diffem.operators import column_mask, column_mask_fraction
+
+    n = 2000
+    masks = column_mask(W, R, _gen(50), batch=n)
+    assert masks.shape == (n, W) and masks.dtype == torch.bool
+    half = math.ceil(60 * W / (320 * R))
+    assert masks[:, W // 2 - half : W // 2 + half].all()
+    f = column_mask_fraction(W, R)
+    if W == 320:  # the authors' numbers: 2 ceil(60/R) centre columns, others kept w.p. 200/(320R-120)
+        p = 200 / (320 * R - 120)
+        assert f == pytest.approx((2 * math.ceil(60 / R) + p * (320 - 2 * math.ceil(60 / R))) / 320)
+        assert abs(f - 1 / R) < 0.1 / R
+        others = torch.cat([masks[:, : W // 2 - half], masks[:, W // 2 + half :]], dim=1).double()
+        assert abs(others.mean().item() - p) < 5 * math.sqrt(p * (1 - p) / others.numel())
+    else:
+        assert f == pytest.approx(column_mask_fraction(320, R))  # same fraction at another width
+    rest = W - 2 * half
+    p = (f * W - 2 * half) / rest
+    se = math.sqrt(p * (1 - p) * rest / n) / W  # standard error of the mean kept fraction
+    assert abs(masks.double().mean().item() - f) < 5 * se + 1e-12
+
+
+def test_column_mask_replayable_and_batch_independent():
+    from diffem.operators import column_mask
+
+    a = column_mask(64, 8, _gen(7), batch=5)
+    b = column_mask(64, 8, _gen(7), batch=5)
+    c = column_mask(64, 8, _gen(8), batch=5)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert torch.equal(column_mask(64, 8, _gen(7), batch=3), a[:3])
+    assert column_mask(64, 8, _gen(7)).shape == (64,)
+    A = SubsampledFourier(a)
+    assert A.batch_shape == (5,) and (A.effective_acceleration() < 64 / a.sum(-1)).all()
+
+
+def test_column_mask_validation():
+    from diffem.operators import column_mask
+
+    with pytest.raises(ValueError, match="`acceleration`"):
+        column_mask(64, 0.5, _gen())
+    with pytest.raises(ValueError, match="`width`"):
+        column_mask(1, 4, _gen())
+    with pytest.raises(ValueError, match="`generator`"):
+        column_mask(64, 4, None)
