@@ -6,7 +6,15 @@ import pytest
 import torch
 
 from diffem.gaussian import GaussianPrior
-from diffem.operators import GaussianObservation, Identity, Mask, Projection, SubsampledFourier
+from diffem.operators import (
+    GaussianBlur,
+    GaussianObservation,
+    Identity,
+    Mask,
+    Projection,
+    SubsampledFourier,
+    SuperResolution,
+)
 from diffem.posterior import MMPSDenoiser
 
 BATCHES = [(), (3,)]
@@ -31,10 +39,23 @@ def make_operator(kind, batch, g):
         mask = torch.rand(*batch, 7, generator=g) < 0.5
         mask[..., 3] = True
         return SubsampledFourier(mask, height=6), (1, 6, 7), (2, 6, 7)
+    if kind == "box":
+        top = torch.randint(0, 3, batch, generator=g)
+        left = torch.randint(0, 4, batch, generator=g)
+        return Mask.box((5, 6), (3, 2), top, left, channels=2), (2, 5, 6), (2, 5, 6)
+    if kind == "superres":
+        if batch != ():
+            pytest.skip("SuperResolution has no per-sample parameters (batch shape ())")
+        return SuperResolution(2, (2, 4, 6)), (2, 4, 6), (2, 2, 3)
+    if kind == "blur":
+        # std <= 0.7 px: min |k^| > 1e-3 = cutoff on 6x5, so the pseudo-inverse is exact.
+        std = 0.3 + 0.4 * torch.rand(batch, generator=g, dtype=torch.float64)
+        return GaussianBlur(std, (2, 6, 5)), (2, 6, 5), (2, 6, 5)
     raise AssertionError(kind)
 
 
-KINDS = ["identity", "mask", "projection", "fourier"]
+KINDS = ["identity", "mask", "projection", "fourier", "box", "superres", "blur"]
+PARAM_KINDS = ["mask", "projection", "fourier", "box", "blur"]  # with per-sample parameters
 
 
 # -- adjoint identity ----------------------------------------------------------------------------
@@ -57,7 +78,7 @@ def test_adjoint_identity(kind, batch):
 
 
 @pytest.mark.parametrize("batch", BATCHES)
-@pytest.mark.parametrize("kind", ["mask", "projection", "fourier"])
+@pytest.mark.parametrize("kind", KINDS[1:])
 def test_linearity(kind, batch):
     g = _gen(2)
     A, in_shape, _ = make_operator(kind, batch, g)
@@ -158,7 +179,7 @@ def test_mask_is_an_orthogonal_projection(batch):
 # -- indexing --------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kind", ["mask", "projection", "fourier"])
+@pytest.mark.parametrize("kind", PARAM_KINDS)
 def test_indexing_a_batched_operator(kind):
     g = _gen(8)
     A, in_shape, _ = make_operator(kind, (5,), g)
@@ -187,7 +208,7 @@ def test_identity_indexing_and_any_shape():
 # -- shape validation: no silent broadcast ------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kind", ["mask", "projection", "fourier"])
+@pytest.mark.parametrize("kind", PARAM_KINDS)
 def test_unbatched_operator_rejects_batched_x(kind):
     g = _gen(9)
     A, in_shape, out_shape = make_operator(kind, (), g)
@@ -197,7 +218,7 @@ def test_unbatched_operator_rejects_batched_x(kind):
         A.T(torch.randn(3, *out_shape, dtype=torch.float64))
 
 
-@pytest.mark.parametrize("kind", ["mask", "projection", "fourier"])
+@pytest.mark.parametrize("kind", PARAM_KINDS)
 def test_batched_operator_rejects_unbatched_or_wrong_batch_x(kind):
     g = _gen(10)
     A, in_shape, out_shape = make_operator(kind, (3,), g)
@@ -213,7 +234,7 @@ def test_batched_operator_rejects_unbatched_or_wrong_batch_x(kind):
         A.T(torch.randn(1, *out_shape, dtype=torch.float64))
 
 
-@pytest.mark.parametrize("kind", ["mask", "projection", "fourier"])
+@pytest.mark.parametrize("kind", PARAM_KINDS)
 def test_wrong_event_shape_raises(kind):
     g = _gen(11)
     A, in_shape, _ = make_operator(kind, (2,), g)
@@ -362,7 +383,7 @@ def test_gaussian_prior_rejects_non_finite_y():
         prior.posterior(y, Projection(torch.randn(2, 3, 4, dtype=torch.float64)), 0.1)
 
 
-@pytest.mark.parametrize("kind", ["mask", "projection", "fourier"])
+@pytest.mark.parametrize("kind", PARAM_KINDS)
 def test_operator_to_device_keeps_the_operator(kind):
     g = _gen(13)
     A, in_shape, _ = make_operator(kind, (2,), g)
@@ -372,7 +393,7 @@ def test_operator_to_device_keeps_the_operator(kind):
     torch.testing.assert_close(B(x), A(x), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("kind", ["mask", "projection", "fourier"])
+@pytest.mark.parametrize("kind", PARAM_KINDS)
 def test_operator_to_dtype_keeps_masks_boolean(kind):
     """``A.to(dtype)`` casts float parameters only: a boolean mask stays a valid mask."""
     g = _gen(14)
@@ -535,3 +556,107 @@ def test_column_mask_validation():
         column_mask(1, 4, _gen())
     with pytest.raises(ValueError, match="`generator`"):
         column_mask(64, 4, None)
+
+
+# -- benchmark operators: box inpainting, super-resolution, deblurring --------------------------------
+
+
+def test_box_mask_hole():
+    A = Mask.box((6, 7), (2, 3), torch.tensor([0, 4]), torch.tensor([1, 4]), channels=1)
+    assert A.batch_shape == (2,) and A.mask.shape == (2, 1, 6, 7)
+    hole = ~A.mask[:, 0]
+    assert hole.sum().item() == 2 * 6
+    assert hole[0, 0:2, 1:4].all() and hole[1, 4:6, 4:7].all()
+    single = Mask.box((6, 7), (2, 3), 1, 2)
+    assert single.batch_shape == () and single.in_shape == (3, 6, 7) and (~single.mask).sum() == 6
+
+
+def test_random_box_replayable_and_inside():
+    a = Mask.random_box((8, 9), (3, 4), _gen(3), batch=50, channels=1)
+    b = Mask.random_box((8, 9), (3, 4), _gen(3), batch=20, channels=1)
+    assert torch.equal(a.mask[:20], b.mask)
+    assert ((~a.mask).flatten(1).sum(-1) == 12).all()
+    corners = (~a.mask[:, 0]).flatten(1).float().argmax(-1)  # first hole pixel, row-major
+    rows, cols = corners // 9, corners % 9
+    assert set(rows.tolist()) <= set(range(6)) and set(cols.tolist()) <= set(range(6))
+    assert len(set(zip(rows.tolist(), cols.tolist()))) > 10  # not a fixed box
+
+
+def test_box_validation():
+    with pytest.raises(ValueError, match="`top`"):
+        Mask.box((6, 6), (2, 2), 5, 0)
+    with pytest.raises(ValueError, match="`left`"):
+        Mask.box((6, 6), (2, 2), 0, torch.tensor([0, -1]))
+    with pytest.raises(ValueError, match="`box_size`"):
+        Mask.box((6, 6), (6, 6), 0, 0)
+    with pytest.raises(ValueError, match="`top` and `left`"):
+        Mask.box((6, 6), (2, 2), torch.tensor([0, 1]), 0)
+    with pytest.raises(ValueError, match="`generator`"):
+        Mask.random_box((6, 6), (2, 2), None)
+
+
+@pytest.mark.parametrize("factor", [1, 2, 4])
+def test_superres_is_average_pooling(factor):
+    g = _gen(60)
+    A = SuperResolution(factor, (3, 8, 8))
+    x = torch.randn(3, 8, 8, generator=g, dtype=torch.float64)
+    expected = torch.nn.functional.avg_pool2d(x[None], factor)[0]
+    torch.testing.assert_close(A(x), expected)
+    y = torch.randn(*A.out_shape, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(A(A.T(y)), y / factor**2)  # A A^T = I / f^2
+    torch.testing.assert_close(A.pinv(y), factor**2 * A.T(y))
+    torch.testing.assert_close(A(A.pinv(y)), y)
+
+
+def test_superres_validation():
+    with pytest.raises(ValueError, match="`factor`"):
+        SuperResolution(3, (1, 8, 8))
+    with pytest.raises(ValueError, match="`factor`"):
+        SuperResolution(0, (1, 8, 8))
+    with pytest.raises(ValueError, match="`image_shape`"):
+        SuperResolution(2, (8, 8))
+
+
+def test_blur_is_a_normalised_symmetric_convolution():
+    g = _gen(61)
+    A = GaussianBlur(1.3, (1, 9, 8))
+    x = torch.randn(1, 9, 8, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(A(torch.ones(1, 9, 8, dtype=torch.float64)), torch.ones(1, 9, 8, dtype=torch.float64))
+    # Same as a dense circular convolution with the periodised kernel (shift invariance).
+    delta = torch.zeros(1, 9, 8, dtype=torch.float64)
+    delta[0, 0, 0] = 1
+    kernel = A(delta)[0]
+    assert (kernel > 0).all() and kernel.sum().item() == pytest.approx(1)
+    dense = torch.stack([torch.roll(kernel, (i, j), (0, 1)) for i in range(9) for j in range(8)]).reshape(72, 72)
+    torch.testing.assert_close(A(x).reshape(-1), dense.T @ x.reshape(-1))
+    torch.testing.assert_close(dense, dense.T)
+    # Larger std blurs more: the high frequencies lose more energy.
+    assert A(x).norm() < GaussianBlur(0.5, (1, 9, 8))(x).norm() < x.norm()
+
+
+@pytest.mark.parametrize("cutoff", [1e-3, 0.05])
+def test_blur_pinv_is_the_truncated_pseudo_inverse(cutoff):
+    """With a spectrum reaching below the cutoff: pinv = torch.linalg.pinv(dense, atol=cutoff)."""
+    A = GaussianBlur(1.5, (1, 6, 5), cutoff=cutoff)
+    k = A.spectrum()
+    assert (k.abs() < cutoff).any() and (k.abs() > cutoff).any()
+    M = _dense(A, (1, 6, 5))
+    s = torch.linalg.svdvals(M)
+    assert ((s - cutoff).abs() > 1e-6).all()  # no singular value at the threshold
+    torch.testing.assert_close(_dense_pinv(A, (1, 6, 5)), torch.linalg.pinv(M, atol=cutoff), rtol=0, atol=1e-8)
+    y = torch.randn(1, 6, 5, generator=_gen(62), dtype=torch.float64)
+    torch.testing.assert_close(A.pinv(A(A.pinv(y))), A.pinv(y), rtol=0, atol=1e-10)
+    x = torch.randn(1, 6, 5, generator=_gen(63), dtype=torch.float64)
+    assert (A(A.pinv(A(x))) - A(x)).norm() <= cutoff * x.norm()
+
+
+def test_blur_validation():
+    for bad in (0.0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="`std`"):
+            GaussianBlur(bad, (1, 4, 4))
+    with pytest.raises(ValueError, match="`std`"):
+        GaussianBlur(torch.ones(2, 2), (1, 4, 4))
+    with pytest.raises(ValueError, match="`cutoff`"):
+        GaussianBlur(1.0, (1, 4, 4), cutoff=1.0)
+    with pytest.raises(ValueError, match="`image_shape`"):
+        GaussianBlur(1.0, (4, 4))
