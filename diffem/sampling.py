@@ -16,6 +16,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .operators import LinearOperator, check_batch
+from .edm import is_edm_scheduler, make_scheduler, sample_edm
 from .posterior import MMPSDenoiser
 from .random import randn
 from .scheduler import VEScheduler
@@ -43,6 +44,8 @@ def sample(
         generator: A ``torch.Generator`` or a list of them (one per block of samples).
         progress: Show a progress bar.
     """
+    if is_edm_scheduler(scheduler):  # diffusers' EDM samplers (diffem.edm)
+        return sample_edm(denoiser, shape, scheduler, num_inference_steps, generator, progress=progress, device=device)
     shape = tuple(shape)
     scheduler.set_timesteps(num_inference_steps, device=device)
     sigmas = scheduler.sigmas
@@ -87,7 +90,9 @@ def sample_posterior(
         operator: Operator with batch shape ``(N,)`` (one per observation).
         noise_std: :math:`\sigma_y > 0`.
         event_shape: Shape of one signal ``x``.
-        steps: Sampler steps; ``method``: ``"ddpm"``, ``"ddim"`` or ``"pc"``.
+        steps: Sampler steps; ``method``: ``"ddpm"``, ``"ddim"``, ``"pc"`` or diffusers' EDM
+            samplers ``"edm_euler"``, ``"edm_dpmpp"`` (:mod:`diffem.edm`, ``steps`` network
+            evaluations instead of ``steps + 1``).
         maxiter, tol: Conjugate gradient iterations and relative tolerance.
         generator: A ``torch.Generator`` (the result then depends on ``batch_size``) or a
             list of ``G`` generators, one per block of ``N / G`` consecutive observations
@@ -106,7 +111,7 @@ def sample_posterior(
     if block is not None:
         batch_size = max(block, batch_size // block * block)
     device = y.device if device is None else device
-    scheduler = VEScheduler(method=method)
+    scheduler = make_scheduler(method)
     out = []
     for i in tqdm(range(0, n, batch_size), desc="posterior sampling", disable=not progress):
         j = min(i + batch_size, n)
