@@ -8,9 +8,10 @@ where the linear operator :math:`A` may differ per observation (a pixel mask per
 image, a k-space mask per MRI slice, a 2x5 projection per manifold point).
 
 Every operator is *batched with per-sample parameters*: its parameters carry a
-batch shape, either ``()`` (one operator) or ``(B,)`` (one operator per
-sample), and the input ``x`` must carry exactly that batch shape. Nothing is
-broadcast silently: a mismatch raises a :class:`ValueError` naming the argument.
+batch shape, either ``()`` (one operator, shared by every sample: it applies to
+``x`` with any leading shape) or ``(B,)`` (one operator per sample: ``x`` must
+have exactly ``B`` samples). Nothing else is broadcast: a mismatch raises a
+:class:`ValueError` naming the argument.
 
 Each operator implements the forward map ``A(x)`` and its adjoint ``A.T(y)``,
 with respect to the real Euclidean inner products of the input and output
@@ -25,6 +26,7 @@ References:
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import Sequence
 
@@ -33,6 +35,7 @@ from torch import Tensor
 
 __all__ = [
     "LinearOperator",
+    "FunctionOperator",
     "Identity",
     "Mask",
     "Projection",
@@ -65,25 +68,93 @@ def _check_shape(name: str, x: Tensor, expected: Sequence[int]) -> None:
 class LinearOperator:
     r"""A batched linear operator :math:`A : \mathbb{R}^{\text{in}} \to \mathbb{R}^{\text{out}}`.
 
-    Subclasses define ``batch_shape`` (``()`` or ``(B,)``), ``in_shape`` /
-    ``out_shape`` (the event shapes of ``x`` and ``y``, or ``None`` when any
-    event shape is accepted, as for :class:`Identity`), ``_forward`` and
-    ``_adjoint``.
+    **Batching rule.** ``batch_shape`` is ``()`` (one operator) or ``(B,)`` (one
+    operator per sample). A ``()`` operator applies to ``x`` of shape
+    ``(*lead, *in_shape)`` for *any* leading shape ``lead`` (it is shared by the
+    whole batch); a ``(B,)`` operator needs exactly ``(B, *in_shape)``. Any other
+    shape raises a :class:`ValueError` naming the argument; nothing else is broadcast.
 
-    Calling ``A(x)`` checks that ``x`` has shape ``batch_shape + in_shape``;
-    ``A.T(y)`` checks ``batch_shape + out_shape``.
+    **Writing a subclass.**
+
+    * Set ``in_shape`` (the event shape of ``x``) and, if you like, ``out_shape``
+      (inferred by one call of ``_forward`` on zeros when left out; ``in_shape``
+      likewise from ``_adjoint``). Leaving both out raises a clear
+      :class:`ValueError` at the first use: the shape checks are never skipped.
+      Only operators that set ``accepts_any_shape = True`` (:class:`Identity`) take
+      any event shape.
+    * Declare the per-sample tensors once, as a class attribute
+      ``params = ("kernel", ...)`` naming instance attributes; their leading
+      dimensions are the batch shape (set ``batch_shape`` in ``__init__``).
+      ``parameters()``, ``A[index]`` and ``A.to(...)`` then work without more code:
+      they copy the operator (keeping every other attribute, e.g. extra constructor
+      arguments) and replace the declared tensors. Compute other tensors from the
+      parameters inside the methods (or declare them in ``params`` too), so that
+      they follow ``.to()`` and indexing.
+    * Implement ``_forward`` and ``_adjoint`` (and ``_pinv`` if you can) on
+      ``(*lead, *event)`` tensors.
+
+    Or wrap a linear function with :meth:`from_function` (adjoint by ``torch.func.vjp``).
     """
 
     batch_shape: tuple = ()
-    in_shape: tuple | None = None
-    out_shape: tuple | None = None
+    params: tuple = ()
+    accepts_any_shape: bool = False
+
+    # -- event shapes: declared, inferred, or refused -----------------------------------
+    def _declared(self, name: str):
+        attr = getattr(type(self), name, None)
+        if not isinstance(attr, property):  # declared as a class attribute by a subclass
+            return None if attr is None else tuple(attr)
+        value = self.__dict__.get("_" + name)
+        return None if value is None else tuple(value)
+
+    def _probe_options(self) -> dict:
+        tensors = list(self.parameters().values())
+        floats = [t for t in tensors if t.is_floating_point()]
+        dtype = floats[0].dtype if floats else torch.get_default_dtype()
+        device = tensors[0].device if tensors else torch.device("cpu")
+        return {"dtype": dtype, "device": device}
+
+    def _event_shape(self, name: str, other: str, probe) -> tuple | None:
+        value = self._declared(name)
+        if value is not None or self.accepts_any_shape:
+            return value
+        known = self._declared(other)
+        if known is None:
+            raise ValueError(
+                f"{type(self).__name__} declares neither `in_shape` nor `out_shape`: set `self.in_shape` "
+                "(the event shape of x) in __init__, or wrap a function with "
+                "LinearOperator.from_function(f, in_shape)"
+            )
+        zeros = torch.zeros(*self.batch_shape, *known, **self._probe_options())
+        inferred = tuple(probe(zeros).shape[len(self.batch_shape) :])
+        self.__dict__["_" + name] = inferred
+        return inferred
+
+    @property
+    def in_shape(self) -> tuple | None:
+        """The event shape of ``x`` (``None`` only for operators that accept any shape)."""
+        return self._event_shape("in_shape", "out_shape", self._adjoint)
+
+    @in_shape.setter
+    def in_shape(self, value) -> None:
+        self.__dict__["_in_shape"] = None if value is None else tuple(int(v) for v in value)
+
+    @property
+    def out_shape(self) -> tuple | None:
+        """The event shape of ``A(x)`` (inferred by one call when not declared)."""
+        return self._event_shape("out_shape", "in_shape", self._forward)
+
+    @out_shape.setter
+    def out_shape(self, value) -> None:
+        self.__dict__["_out_shape"] = None if value is None else tuple(int(v) for v in value)
 
     # -- to override -------------------------------------------------------------
     def _forward(self, x: Tensor) -> Tensor:  # pragma: no cover - abstract
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} does not implement `_forward`")
 
     def _adjoint(self, y: Tensor) -> Tensor:  # pragma: no cover - abstract
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} does not implement `_adjoint`")
 
     def _pinv(self, y: Tensor) -> Tensor:
         raise NotImplementedError(
@@ -97,13 +168,53 @@ class LinearOperator:
         return type(self)._pinv is not LinearOperator._pinv
 
     def parameters(self) -> dict[str, Tensor]:
-        """The per-sample parameters, by name (what a dataset of observations stores)."""
-        return {}
+        """The per-sample parameters, by name (what a dataset of observations stores).
 
-    def _replace(self, **params: Tensor) -> "LinearOperator":
-        return type(self)(**params)
+        By default the attributes named in the class attribute ``params``.
+
+        Raises:
+            TypeError: if a declared parameter is not a tensor.
+        """
+        out = {}
+        for name in self.params:
+            value = getattr(self, name)
+            if not torch.is_tensor(value):
+                raise TypeError(
+                    f"{type(self).__name__}.{name} is declared in `params` but is a {type(value).__name__}, not a tensor"
+                )
+            out[name] = value
+        return out
+
+    def _replace(self, **new: Tensor) -> "LinearOperator":
+        """A copy of the operator with the parameters ``new`` (same names as :meth:`parameters`).
+
+        Every other attribute is kept; the batch shape follows the new parameters.
+        """
+        old = self.parameters()
+        op = copy.copy(self)
+        batch = None
+        for name, value in new.items():
+            if getattr(self, name, None) is not old[name]:
+                raise TypeError(
+                    f"{type(self).__name__}.parameters() returns {name!r}, which is not the attribute of that "
+                    "name: declare the parameters with the class attribute `params` or override `_replace`"
+                )
+            setattr(op, name, value)
+            event_ndim = old[name].dim() - len(self.batch_shape)
+            shape = tuple(value.shape[: value.dim() - event_ndim])
+            if batch is not None and shape != batch:
+                raise ValueError(f"the parameters of {type(self).__name__} have inconsistent batch shapes")
+            batch = shape
+        if batch is not None:
+            op.batch_shape = batch
+        return op
 
     # -- public API ----------------------------------------------------------------
+    @staticmethod
+    def from_function(function, in_shape: Sequence[int], **kwargs) -> "FunctionOperator":
+        """Wrap a linear function of ``x`` as an operator; see :class:`FunctionOperator`."""
+        return FunctionOperator(function, in_shape, **kwargs)
+
     def __call__(self, x: Tensor) -> Tensor:
         """Apply the operator: ``(*batch, *in_shape) -> (*batch, *out_shape)``."""
         self._check_input("x", x, self.in_shape)
@@ -138,17 +249,20 @@ class LinearOperator:
         return tuple(in_shape) if self.out_shape is None else tuple(self.out_shape)
 
     def __getitem__(self, index) -> "LinearOperator":
-        """Select samples of a batched operator (``index``: int, slice or index tensor)."""
-        if self.batch_shape == ():
-            raise IndexError("cannot index an operator with batch shape ()")
+        """Select samples of a batched operator (``index``: int, slice or index tensor).
+
+        An operator with batch shape ``()`` is shared by every sample: indexing returns it.
+        """
+        if tuple(self.batch_shape) == ():
+            return self
         return self._replace(**{k: v[index] for k, v in self.parameters().items()})
 
     def to(self, *args, **kwargs) -> "LinearOperator":
-        """Move the parameters (like :meth:`torch.Tensor.to`); boolean masks stay boolean."""
+        """Move the parameters (like :meth:`torch.Tensor.to`); boolean and integer tensors keep their dtype."""
         device = torch.empty(0).to(*args, **kwargs).device  # the target device, whatever the arguments
 
         def move(v: Tensor) -> Tensor:
-            return v.to(device) if v.dtype == torch.bool else v.to(*args, **kwargs)
+            return v.to(*args, **kwargs) if v.is_floating_point() or v.is_complex() else v.to(device)
 
         return self._replace(**{k: move(v) for k, v in self.parameters().items()})
 
@@ -157,20 +271,130 @@ class LinearOperator:
             raise TypeError(f"`{name}` must be a torch.Tensor, got {type(x).__name__}")
         if event is None:
             return
-        expected = tuple(self.batch_shape) + tuple(event)
-        if tuple(x.shape) != expected:
-            raise ValueError(
-                f"`{name}` has shape {tuple(x.shape)}, expected {expected} "
-                f"(batch shape {tuple(self.batch_shape)} + event shape {tuple(event)}) "
-                f"for {type(self).__name__}"
-            )
+        batch, event = tuple(self.batch_shape), tuple(event)
+        shape = tuple(x.shape)
+        if batch == ():
+            ok = len(shape) >= len(event) and shape[len(shape) - len(event) :] == event
+            expected = f"(*lead, *{event}) (event shape {event}; batch shape () applies to any leading shape)"
+        else:
+            ok = shape == batch + event
+            expected = f"{batch + event} (batch shape {batch} + event shape {event})"
+        if not ok:
+            raise ValueError(f"`{name}` has shape {shape}, expected {expected} for {type(self).__name__}")
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(batch_shape={tuple(self.batch_shape)})"
 
 
+class FunctionOperator(LinearOperator):
+    r"""A linear function of ``x`` as an operator; the adjoint by ``torch.func.vjp``.
+
+    For a linear :math:`f`, the vector-Jacobian product at any point is
+    :math:`v \mapsto J^T v = A^T v`, so ``A.T(y)`` is one VJP of ``function`` at
+    zero (or ``adjoint(y)`` when given). The operator has batch shape ``()``: it
+    applies to ``x`` of shape ``(*lead, *in_shape)`` for the leading shapes that
+    ``function`` itself supports. Tensors that ``function`` closes over are not
+    moved by ``.to()`` (it returns the operator unchanged): write a
+    :class:`LinearOperator` subclass with ``params`` for per-sample parameters.
+
+    Arguments:
+        function: A linear map ``(*lead, *in_shape) -> (*lead, *out_shape)``.
+        in_shape: The event shape of ``x``.
+        out_shape: The event shape of ``function(x)``; inferred by one call on
+            zeros of shape ``(1, *in_shape)`` when left out.
+        adjoint: Optional exact adjoint ``(*lead, *out_shape) -> (*lead, *in_shape)``.
+        pinv: Optional pseudo-inverse, same shapes as ``adjoint``.
+        dtype, device: Of the zeros used to infer ``out_shape`` (default: torch's
+            default dtype, CPU).
+
+    Raises:
+        TypeError: if ``function`` (or ``adjoint`` / ``pinv``) is not callable or
+            does not return a tensor.
+        ValueError: if ``in_shape`` is not a tuple of positive ints, or ``function``
+            does not keep the leading dimension of its input.
+    """
+
+    def __init__(
+        self,
+        function,
+        in_shape: Sequence[int],
+        out_shape: Sequence[int] | None = None,
+        adjoint=None,
+        pinv=None,
+        dtype: torch.dtype | None = None,
+        device=None,
+    ):
+        for name, fn in (("function", function), ("adjoint", adjoint), ("pinv", pinv)):
+            if fn is not None and not callable(fn):
+                raise TypeError(f"`{name}` must be callable, got {type(fn).__name__}")
+        if function is None:
+            raise TypeError("`function` must be callable, got None")
+        self.function = function
+        self.adjoint_function = adjoint
+        self.pinv_function = pinv
+        self.in_shape = _event_tuple("in_shape", in_shape)
+        if out_shape is None:
+            probe = function(torch.zeros(1, *self.in_shape, dtype=dtype or torch.get_default_dtype(), device=device))
+            if not torch.is_tensor(probe):
+                raise TypeError(f"`function` must return a tensor, got {type(probe).__name__}")
+            if probe.dim() < 1 or probe.shape[0] != 1:
+                raise ValueError(
+                    f"`function` maps a batch of 1 of shape {(1, *self.in_shape)} to shape {tuple(probe.shape)}: "
+                    "it must keep the leading (batch) dimensions"
+                )
+            out_shape = tuple(probe.shape[1:])
+        self.out_shape = _event_tuple("out_shape", out_shape, allow_empty=True)
+
+    @property
+    def has_pinv(self) -> bool:
+        return self.pinv_function is not None
+
+    def _checked(self, name: str, value, lead: tuple, event: tuple) -> Tensor:
+        if not torch.is_tensor(value) or tuple(value.shape) != lead + event:
+            got = tuple(value.shape) if torch.is_tensor(value) else type(value).__name__
+            raise ValueError(f"`{name}` returned {got}, expected shape {lead + event}")
+        return value
+
+    def _forward(self, x: Tensor) -> Tensor:
+        lead = tuple(x.shape[: x.dim() - len(self.in_shape)])
+        return self._checked("function", self.function(x), lead, self.out_shape)
+
+    def _adjoint(self, y: Tensor) -> Tensor:
+        lead = tuple(y.shape[: y.dim() - len(self.out_shape)])
+        if self.adjoint_function is not None:
+            return self._checked("adjoint", self.adjoint_function(y), lead, self.in_shape)
+        x0 = torch.zeros(*lead, *self.in_shape, dtype=y.dtype, device=y.device)
+        _, vjp = torch.func.vjp(self.function, x0)
+        return vjp(y)[0]
+
+    def _pinv(self, y: Tensor) -> Tensor:
+        if self.pinv_function is None:
+            name = getattr(self.function, "__name__", type(self.function).__name__)
+            raise NotImplementedError(
+                f"FunctionOperator({name}) has no pseudo-inverse: pass `pinv=` to LinearOperator.from_function"
+            )
+        lead = tuple(y.shape[: y.dim() - len(self.out_shape)])
+        return self._checked("pinv", self.pinv_function(y), lead, self.in_shape)
+
+    def __repr__(self) -> str:
+        name = getattr(self.function, "__name__", type(self.function).__name__)
+        return f"FunctionOperator({name}, in_shape={self.in_shape}, out_shape={self.out_shape})"
+
+
+def _event_tuple(name: str, value, allow_empty: bool = False) -> tuple:
+    try:
+        shape = tuple(int(v) for v in value)
+    except (TypeError, ValueError):
+        raise ValueError(f"`{name}` must be a tuple of positive ints, got {value!r}") from None
+    if (not shape and not allow_empty) or any(v < 1 for v in shape) or shape != tuple(value):
+        raise ValueError(f"`{name}` must be a tuple of positive ints, got {value!r}")
+    return shape
+
+
 class Identity(LinearOperator):
     r"""The identity :math:`A = I`, for any shape of ``x`` (denoising observations)."""
+
+    accepts_any_shape = True
 
     def _forward(self, x: Tensor) -> Tensor:
         return x
@@ -181,23 +405,26 @@ class Identity(LinearOperator):
     def _pinv(self, y: Tensor) -> Tensor:
         return y
 
-    def _replace(self, **params):
-        return Identity()
-
     def __getitem__(self, index) -> "Identity":
-        return Identity()
+        return self
 
 
 def check_batch(operator: "LinearOperator", n: int, name: str = "operator") -> None:
-    """Raise a ValueError unless ``operator`` holds one operator per sample of a batch of ``n``.
+    """Raise unless ``operator`` serves a batch of ``n`` observations.
 
-    :class:`Identity` has no parameters and serves any batch.
+    That is: batch shape ``(n,)`` (one operator per observation) or ``()`` (one
+    operator shared by all, e.g. :class:`Identity`).
+
+    Raises:
+        TypeError: if ``operator`` is not a :class:`LinearOperator`.
+        ValueError: for any other batch shape.
     """
     if not isinstance(operator, LinearOperator):
         raise TypeError(f"`{name}` must be a LinearOperator, got {type(operator).__name__}")
-    if not (isinstance(operator, Identity) or tuple(operator.batch_shape) == (n,)):
+    if tuple(operator.batch_shape) not in ((), (n,)):
         raise ValueError(
-            f"`{name}` must have batch shape ({n},) (one operator per observation), got {tuple(operator.batch_shape)}"
+            f"`{name}` must have batch shape ({n},) (one operator per observation) or () (one operator "
+            f"shared by all), got {tuple(operator.batch_shape)}"
         )
 
 
@@ -234,6 +461,8 @@ class Mask(LinearOperator):
             has a channel dimension other than 1, or observes nothing in a sample.
     """
 
+    params = ("mask",)
+
     def __init__(self, mask: Tensor, channels: int = 3):
         _check_mask("mask", mask, 3)
         if mask.shape[-3] != 1:
@@ -244,12 +473,6 @@ class Mask(LinearOperator):
         self.channels = int(channels)
         self.batch_shape = tuple(mask.shape[:-3])
         self.in_shape = self.out_shape = (self.channels, *mask.shape[-2:])
-
-    def parameters(self):
-        return {"mask": self.mask}
-
-    def _replace(self, **params):
-        return Mask(params["mask"], channels=self.channels)
 
     def _forward(self, x: Tensor) -> Tensor:
         return x * self.mask.to(x.dtype)
@@ -385,9 +608,6 @@ class SuperResolution(LinearOperator):
         self.in_shape = (C, H, W)
         self.out_shape = (C, H // f, W // f)
 
-    def _replace(self, **params):
-        return self
-
     def _forward(self, x: Tensor) -> Tensor:
         f = self.factor
         C, h, w = self.out_shape
@@ -458,6 +678,8 @@ u^2)` and reaches round-off at high frequencies, so
         Hansen, Nagy & O'Leary, "Deblurring Images", SIAM 2006 (spectral filtering, Ch. 5).
     """
 
+    params = ("std",)
+
     def __init__(self, std: float | Tensor, image_shape: Sequence[int], cutoff: float = 1e-3):
         std = torch.as_tensor(std)
         if not std.is_floating_point():
@@ -476,12 +698,6 @@ u^2)` and reaches round-off at high frequencies, so
         self.cutoff = cutoff
         self.batch_shape = tuple(std.shape)
         self.in_shape = self.out_shape = _image_shape("image_shape", image_shape)
-
-    def parameters(self):
-        return {"std": self.std}
-
-    def _replace(self, **params):
-        return GaussianBlur(params["std"], self.in_shape, cutoff=self.cutoff)
 
     def spectrum(self, dtype: torch.dtype = torch.float64) -> Tensor:
         r"""The real transfer function :math:`\hat k`, shape ``(*batch, H, W)`` (unshifted FFT order)."""
@@ -522,6 +738,8 @@ class Projection(LinearOperator):
         ValueError: if ``matrix`` is not floating point, not 2-D or 3-D, or not finite.
     """
 
+    params = ("matrix",)
+
     def __init__(self, matrix: Tensor):
         if not torch.is_tensor(matrix):
             raise TypeError(f"`matrix` must be a torch.Tensor, got {type(matrix).__name__}")
@@ -534,9 +752,6 @@ class Projection(LinearOperator):
         self.batch_shape = tuple(matrix.shape[:-2])
         self.in_shape = (matrix.shape[-1],)
         self.out_shape = (matrix.shape[-2],)
-
-    def parameters(self):
-        return {"matrix": self.matrix}
 
     def _forward(self, x: Tensor) -> Tensor:
         return (self.matrix.to(x.dtype) @ x[..., None])[..., 0]
@@ -610,6 +825,8 @@ class SubsampledFourier(LinearOperator):
         Zbontar et al., "fastMRI", arXiv:1811.08839; Rozet et al. 2024, Section 5.3.
     """
 
+    params = ("mask",)
+
     def __init__(self, mask: Tensor, height: int | None = None):
         _check_mask("mask", mask, 1)
         self.mask = mask
@@ -618,12 +835,6 @@ class SubsampledFourier(LinearOperator):
         self.batch_shape = tuple(mask.shape[:-1])
         self.in_shape = (1, self.height, width)
         self.out_shape = (2, self.height, width)
-
-    def parameters(self):
-        return {"mask": self.mask}
-
-    def _replace(self, **params):
-        return SubsampledFourier(params["mask"], height=self.height)
 
     def _forward(self, x: Tensor) -> Tensor:
         k = torch.fft.fftshift(torch.fft.fft2(torch.fft.ifftshift(x[..., 0, :, :], dim=(-2, -1)), norm="ortho"), dim=(-2, -1))

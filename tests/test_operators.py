@@ -7,6 +7,7 @@ import torch
 
 from diffem.gaussian import GaussianPrior
 from diffem.operators import (
+    LinearOperator,
     GaussianBlur,
     GaussianObservation,
     Identity,
@@ -43,9 +44,7 @@ def make_operator(kind, batch, g):
         top = torch.randint(0, 3, batch, generator=g)
         left = torch.randint(0, 4, batch, generator=g)
         return Mask.box((5, 6), (3, 2), top, left, channels=2), (2, 5, 6), (2, 5, 6)
-    if kind == "superres":
-        if batch != ():
-            pytest.skip("SuperResolution has no per-sample parameters (batch shape ())")
+    if kind == "superres":  # no per-sample parameters: batch shape (), shared by any batch
         return SuperResolution(2, (2, 4, 6)), (2, 4, 6), (2, 2, 3)
     if kind == "blur":
         # std <= 0.7 px: min |k^| > 1e-3 = cutoff on 6x5, so the pseudo-inverse is exact.
@@ -194,8 +193,9 @@ def test_indexing_a_batched_operator(kind):
     torch.testing.assert_close(sub(x[1:4]), full[1:4], rtol=0, atol=0)
     idx = torch.tensor([4, 0])
     torch.testing.assert_close(A[idx](x[idx]), full[idx], rtol=0, atol=0)
-    with pytest.raises(IndexError):
-        A[0][0]
+    # A () operator is shared by every sample: indexing it again returns it.
+    first = A[0]
+    assert first[0] is first and first[1:3] is first
 
 
 def test_identity_indexing_and_any_shape():
@@ -208,14 +208,27 @@ def test_identity_indexing_and_any_shape():
 # -- shape validation: no silent broadcast ------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kind", PARAM_KINDS)
-def test_unbatched_operator_rejects_batched_x(kind):
+@pytest.mark.parametrize("kind", KINDS[1:])
+def test_unbatched_operator_broadcasts_over_any_leading_shape(kind):
+    """Batch shape (): one operator applies to x of shape (*lead, *in_shape), sample by sample."""
     g = _gen(9)
     A, in_shape, out_shape = make_operator(kind, (), g)
+    x = torch.randn(2, 3, *in_shape, generator=g, dtype=torch.float64)
+    y = torch.randn(2, 3, *out_shape, generator=g, dtype=torch.float64)
+    Ax, ATy, Apy = A(x), A.T(y), A.pinv(y)
+    assert Ax.shape == (2, 3, *out_shape) and ATy.shape == (2, 3, *in_shape) and Apy.shape == ATy.shape
+    for i in range(2):
+        for j in range(3):
+            torch.testing.assert_close(Ax[i, j], A(x[i, j]), rtol=0, atol=1e-12)
+            torch.testing.assert_close(ATy[i, j], A.T(y[i, j]), rtol=0, atol=1e-12)
+            torch.testing.assert_close(Apy[i, j], A.pinv(y[i, j]), rtol=0, atol=1e-12)
+    # The event shape is still checked.
+    bad = list(in_shape)
+    bad[-1] += 1
     with pytest.raises(ValueError, match="`x`"):
-        A(torch.randn(3, *in_shape, dtype=torch.float64))
+        A(torch.randn(3, *bad, dtype=torch.float64))
     with pytest.raises(ValueError, match="`y`"):
-        A.T(torch.randn(3, *out_shape, dtype=torch.float64))
+        A.T(torch.randn(*in_shape[1:], dtype=torch.float64) if len(in_shape) > 1 else torch.randn(()))
 
 
 @pytest.mark.parametrize("kind", PARAM_KINDS)
@@ -355,8 +368,6 @@ def test_mmps_rejects_y_not_matching_identity_output_at_call_time():
 
 
 def test_mmps_rejects_operator_with_wrong_batch():
-    with pytest.raises(ValueError, match="`operator`"):
-        MMPSDenoiser(_prior(), torch.randn(2, 3), Projection(torch.randn(3, 4)), 0.1)
     with pytest.raises(ValueError, match="`operator`"):
         MMPSDenoiser(_prior(), torch.randn(2, 3), Projection(torch.randn(3, 3, 4)), 0.1)
 
@@ -660,3 +671,165 @@ def test_blur_validation():
         GaussianBlur(1.0, (1, 4, 4), cutoff=1.0)
     with pytest.raises(ValueError, match="`image_shape`"):
         GaussianBlur(1.0, (4, 4))
+
+
+# -- a shared operator, user operators, wrapped functions (issue 12, item 8) ----------------------------
+
+
+def test_check_batch_accepts_shared_or_per_sample_operators():
+    from diffem.operators import check_batch
+
+    check_batch(Projection(torch.randn(3, 4)), 5)  # () : shared by the 5 observations
+    check_batch(Projection(torch.randn(5, 3, 4)), 5)
+    check_batch(Identity(), 5)
+    with pytest.raises(ValueError, match=r"`operator` must have batch shape \(5,\)"):
+        check_batch(Projection(torch.randn(4, 3, 4)), 5)
+    with pytest.raises(TypeError, match="`operator`"):
+        check_batch(torch.randn(3, 4), 5)
+
+
+def test_mmps_with_a_shared_operator_equals_the_expanded_one():
+    """One () operator for the whole batch gives what the same operator repeated per sample gives."""
+    g = _gen(70)
+    prior = GaussianPrior(event_shape=(4,), rank=2)
+    M = torch.randn(3, 4, generator=g)
+    y = torch.randn(5, 3, generator=g)
+    x_t = torch.randn(5, 4, generator=g)
+    shared = MMPSDenoiser(prior, y, Projection(M), 0.1, maxiter=3)(x_t, torch.tensor(1.0))
+    per_sample = MMPSDenoiser(prior, y, Projection(M.expand(5, 3, 4).clone()), 0.1, maxiter=3)(x_t, torch.tensor(1.0))
+    torch.testing.assert_close(shared, per_sample, rtol=1e-5, atol=1e-6)
+
+
+class _Kernel(LinearOperator):
+    """A user operator: per-sample weights (B, n) and an extra non-tensor constructor argument."""
+
+    params = ("weight",)
+
+    def __init__(self, weight, scale, label="user"):
+        self.weight, self.scale, self.label = weight, float(scale), label
+        self.batch_shape = tuple(weight.shape[:-1])
+        self.in_shape = (weight.shape[-1],)  # out_shape left out: inferred
+
+    def _forward(self, x):
+        return self.scale * (self.weight * x).cumsum(-1)[..., ::2]
+
+    def _adjoint(self, y):
+        z = torch.zeros(*y.shape[:-1], self.weight.shape[-1], dtype=y.dtype, device=y.device)
+        z[..., ::2] = y
+        return self.scale * self.weight * z.flip(-1).cumsum(-1).flip(-1)
+
+
+def test_user_subclass_with_extra_arguments_moves_and_indexes():
+    g = _gen(71)
+    A = _Kernel(torch.randn(4, 5, generator=g, dtype=torch.float64), scale=2.0, label="mine")
+    assert A.out_shape == (3,)  # inferred by one call
+    assert set(A.parameters()) == {"weight"}
+    x = torch.randn(4, 5, generator=g, dtype=torch.float64)
+    y = torch.randn(4, 3, generator=g, dtype=torch.float64)
+    torch.testing.assert_close((A(x) * y).sum(-1), (x * A.T(y)).sum(-1))  # its adjoint is right
+    B = A.to(torch.float32)
+    assert type(B) is _Kernel and B.scale == 2.0 and B.label == "mine" and B.weight.dtype == torch.float32
+    assert A.weight.dtype == torch.float64  # the original is untouched
+    torch.testing.assert_close(B(x.float()).double(), A(x), rtol=1e-5, atol=1e-5)
+    sub = A[1:3]
+    assert type(sub) is _Kernel and sub.batch_shape == (2,) and sub.label == "mine" and sub.scale == 2.0
+    torch.testing.assert_close(sub(x[1:3]), A(x)[1:3])
+    one = A[2]
+    assert one.batch_shape == () and one.out_shape == (3,)
+    torch.testing.assert_close(one(x[2]), A(x)[2])
+    torch.testing.assert_close(one(x), A[2](x))  # () : applies to the whole batch
+    with pytest.raises(ValueError, match="`x`"):
+        A(x[:3])  # a (4,) operator needs exactly 4 samples
+
+
+def test_operator_without_event_shapes_is_refused_clearly():
+    class NoShape(LinearOperator):
+        def _forward(self, x):
+            return 2 * x
+
+        _adjoint = _forward
+
+    A = NoShape()
+    with pytest.raises(ValueError, match="NoShape declares neither `in_shape` nor `out_shape`"):
+        A(torch.zeros(3))
+    with pytest.raises(ValueError, match="NoShape declares neither"):
+        A.out_shape
+
+    class OnlyOut(NoShape):
+        out_shape = (3,)
+
+    assert OnlyOut().in_shape == (3,)  # inferred through the adjoint
+
+
+def test_parameters_not_matching_attributes_raise_on_to():
+    class Legacy(LinearOperator):
+        in_shape = out_shape = (2,)
+
+        def __init__(self, w):
+            self._w = w
+            self.batch_shape = tuple(w.shape[:-1])
+
+        def parameters(self):
+            return {"w": self._w}
+
+        def _forward(self, x):
+            return self._w * x
+
+        _adjoint = _forward
+
+    with pytest.raises(TypeError, match="`params`"):
+        Legacy(torch.ones(3, 2)).to(torch.float64)
+
+
+def test_declared_parameter_must_be_a_tensor():
+    class Bad(LinearOperator):
+        params = ("w",)
+        in_shape = out_shape = (2,)
+
+        def __init__(self):
+            self.w = [1.0, 2.0]
+
+    with pytest.raises(TypeError, match="Bad.w"):
+        Bad().parameters()
+
+
+def test_from_function_adjoint_by_vjp():
+    from diffem.operators import FunctionOperator, check_batch
+
+    g = _gen(72)
+    kernel = torch.randn(2, 3, 3, 3, generator=g, dtype=torch.float64)
+
+    def conv(x):  # (N, 3, 6, 6) -> (N, 2, 4, 4), valid convolution
+        return torch.nn.functional.conv2d(x, kernel)
+
+    A = LinearOperator.from_function(conv, (3, 6, 6), dtype=torch.float64)
+    assert isinstance(A, FunctionOperator) and A.batch_shape == () and A.out_shape == (2, 4, 4)
+    assert not A.has_pinv
+    x = torch.randn(5, 3, 6, 6, generator=g, dtype=torch.float64)
+    y = torch.randn(5, 2, 4, 4, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(A(x), conv(x))
+    lhs = (A(x) * y).flatten(1).sum(-1)
+    rhs = (x * A.T(y)).flatten(1).sum(-1)
+    torch.testing.assert_close(lhs, rhs, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(A.T(y), torch.nn.functional.conv_transpose2d(y, kernel))
+    with pytest.raises(NotImplementedError, match="FunctionOperator\\(conv\\)"):
+        A.pinv(y)
+    with pytest.raises(ValueError, match="`x`"):
+        A(torch.randn(5, 3, 6, 7, dtype=torch.float64))
+    check_batch(A, 5)  # a shared operator serves any batch
+
+
+def test_from_function_with_pinv_and_validation():
+    A = LinearOperator.from_function(lambda x: 3 * x[..., :2], (4,), pinv=lambda y: torch.cat([y / 3, torch.zeros_like(y)], -1))
+    assert A.out_shape == (2,) and A.has_pinv
+    x = torch.randn(7, 4, generator=_gen(73))
+    torch.testing.assert_close(A(A.pinv(A(x))), A(x))
+    with pytest.raises(TypeError, match="`function`"):
+        LinearOperator.from_function(3, (4,))
+    with pytest.raises(ValueError, match="`in_shape`"):
+        LinearOperator.from_function(lambda x: x, (0, 2))
+    with pytest.raises(ValueError, match="leading"):
+        LinearOperator.from_function(lambda x: x.sum(0), (4,))
+    B = LinearOperator.from_function(lambda x: x[..., :2], (4,), out_shape=(3,))  # a wrong declared out_shape
+    with pytest.raises(ValueError, match="`function` returned"):
+        B(torch.zeros(4))
