@@ -1,22 +1,27 @@
-r"""Seconds per MMPS sampling step against its floor: one forward plus (1 + maxiter) VJPs.
+r"""Seconds per MMPS sampling step: the new form, the old form and the network floor, in one run.
 
-One MMPS sampling step is one call of :class:`diffem.posterior.MMPSDenoiser` (one forward
-of the denoiser, ``maxiter`` conjugate-gradient iterations each costing one vector-Jacobian
-product, and one final VJP) followed by one :class:`diffem.scheduler.VEScheduler` DDPM
-update. Its unavoidable cost is the network work alone, measured here by hand with
-``torch.autograd.grad``: one forward and ``1 + maxiter`` VJPs through the same graph.
-``ratio = mmps_step_s / forward_plus_vjps_s`` is the overhead of our own code (operator
-applications, CG bookkeeping, the scheduler); it should stay close to 1.
+One MMPS sampling step is one call of :class:`diffem.posterior.MMPSDenoiser` followed by one
+:class:`diffem.scheduler.VEScheduler` DDPM update. The new form accumulates
+:math:`J^T A^T v` inside conjugate gradient (CG) and costs one forward of the denoiser and
+``maxiter`` vector-Jacobian products (VJPs). The old form (the straightforward one, kept
+here for the comparison) solves for :math:`v` and then takes one more VJP:
+one forward and ``maxiter + 1`` VJPs. The floor is the network work of the new form
+alone, measured by hand with ``torch.autograd.grad``: one forward and ``maxiter`` VJPs.
 
-The two measurements are interleaved within each repeat (so that a change of machine load
-hits both) and the medians over ``--repeats`` are reported, after ``--warmup`` calls of each.
+- ``new_over_old = new_step_s / old_step_s``: the speed-up (target <= 0.75 at CG 1);
+- ``new_over_floor = new_step_s / forward_plus_vjps_s``: the overhead of our own code
+  (operator applications, CG bookkeeping, the scheduler); it should stay close to 1.
+
+The three measurements are interleaved within each repeat, in a rotating order (so that a
+change of machine load hits all of them), and the medians over ``--repeats`` are reported
+after ``--warmup`` calls of each. Both forms are checked to agree before timing.
 
 Usage::
 
     python benchmarks/mmps_step.py --preset cpu --batch 64 --maxiter 1 --size 32 --repeats 10
 
-Prints one JSON object: preset, params, batch, maxiter, device, threads, mmps_step_s,
-forward_plus_vjps_s, ratio.
+Prints one JSON object: preset, params, batch, maxiter, device, threads, new_step_s,
+old_step_s, forward_plus_vjps_s, new_over_old, new_over_floor, max_abs_difference.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import time
 import torch
 
 from diffem.denoiser import Denoiser
+from diffem.linalg import conjugate_gradient
 from diffem.networks import UNET_PRESETS, build_unet
 from diffem.operators import GaussianObservation, Mask
 from diffem.posterior import MMPSDenoiser
@@ -80,13 +86,36 @@ def main(argv=None) -> dict:
     x_t = x + sigma[0] * torch.randn(x.shape, generator=g).to(device)
     step_gen = torch.Generator(device).manual_seed(args.seed + 1)
 
+    s2 = sigma.square().reshape(-1, 1, 1, 1)
+    var_y = args.noise_std**2
+
+    def old_mmps(x_in):
+        """The straightforward form: CG for v (maxiter VJPs), then one more VJP for J^T A^T v."""
+        with torch.enable_grad():
+            inp = x_in.detach().requires_grad_(True)
+            x_hat = denoiser(inp, sigma)
+
+            def vjp(v):
+                return torch.autograd.grad(x_hat, inp, v, retain_graph=True)[0]
+
+            v = conjugate_gradient(lambda p: var_y * p + s2 * A(vjp(A.T(p))), (y - A(x_hat)).detach(), maxiter=args.maxiter)
+            return (x_hat + s2 * vjp(A.T(v))).detach()
+
     @torch.no_grad()
-    def mmps_step():
+    def new_step():
         x_hat = posterior(x_t, sigma)
         return scheduler.step(x_hat, i, x_t, generator=step_gen).prev_sample
 
-    # The floor: the network work alone, one forward and (1 + maxiter) VJPs.
-    cotangents = [torch.randn(x.shape, generator=g).to(device) for _ in range(1 + args.maxiter)]
+    @torch.no_grad()
+    def old_step():
+        x_hat = old_mmps(x_t)
+        return scheduler.step(x_hat, i, x_t, generator=step_gen).prev_sample
+
+    with torch.no_grad():
+        difference = (posterior(x_t, sigma) - old_mmps(x_t)).abs().max().item()
+
+    # The floor: the network work of the new form alone, one forward and maxiter VJPs.
+    cotangents = [torch.randn(x.shape, generator=g).to(device) for _ in range(args.maxiter)]
 
     def forward_plus_vjps():
         with torch.enable_grad():
@@ -103,20 +132,18 @@ def main(argv=None) -> dict:
         _sync(device)
         return time.perf_counter() - start
 
+    fns = {"new": new_step, "old": old_step, "floor": forward_plus_vjps}
     for _ in range(args.warmup):
-        timed(mmps_step)
-        timed(forward_plus_vjps)
-    t_mmps, t_floor = [], []
+        for fn in fns.values():
+            timed(fn)
+    times = {k: [] for k in fns}
+    names = list(fns)
     for r in range(args.repeats):
-        # Alternate the order so neither measurement always follows the other.
-        if r % 2:
-            t_floor.append(timed(forward_plus_vjps))
-            t_mmps.append(timed(mmps_step))
-        else:
-            t_mmps.append(timed(mmps_step))
-            t_floor.append(timed(forward_plus_vjps))
+        # Rotate the order so no measurement always follows the same one.
+        for k in names[r % 3 :] + names[: r % 3]:
+            times[k].append(timed(fns[k]))
 
-    mmps_s, floor_s = statistics.median(t_mmps), statistics.median(t_floor)
+    new_s, old_s, floor_s = (statistics.median(times[k]) for k in names)
     result = {
         "preset": args.preset,
         "params": params,
@@ -124,9 +151,12 @@ def main(argv=None) -> dict:
         "maxiter": args.maxiter,
         "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
         "threads": threads,
-        "mmps_step_s": round(mmps_s, 6),
+        "new_step_s": round(new_s, 6),
+        "old_step_s": round(old_s, 6),
         "forward_plus_vjps_s": round(floor_s, 6),
-        "ratio": round(mmps_s / floor_s, 4),
+        "new_over_old": round(new_s / old_s, 4),
+        "new_over_floor": round(new_s / floor_s, 4),
+        "max_abs_difference": difference,
     }
     print(json.dumps(result))
     return result

@@ -8,6 +8,14 @@ residual norm falls below ``tol * ||b_i||``, or that meet a direction of
 non-positive curvature (``p^T M p <= 0``, possible when ``M`` comes from an
 imperfect learned Jacobian), are frozen with ``torch.where``.
 
+Companion output. Started from :math:`v_0 = 0`, CG builds its solution from its search
+directions, :math:`v = \sum_k \alpha_k p_k`. When every matvec also yields
+:math:`w_k = W p_k` for some linear map :math:`W` (in MMPS, :math:`W = J^T A^T`, which the
+matvec :math:`M p = \Sigma_y p + \sigma^2 A J^T A^T p` computes anyway), then
+:math:`W v = \sum_k \alpha_k w_k` is accumulated with the same step sizes and the same
+freezing, at no extra cost: MMPS then needs one forward and ``maxiter`` vector-Jacobian
+products instead of ``maxiter + 1``.
+
 References:
     Hestenes & Stiefel, "Methods of conjugate gradients for solving linear
     systems", 1952. Rozet et al. 2024 (arXiv:2405.13712), Section 4.
@@ -38,7 +46,8 @@ def conjugate_gradient(
     x0: Tensor | None = None,
     maxiter: int = 1,
     tol: float = 0.0,
-) -> Tensor:
+    companion: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
     r"""Solve :math:`M v = b` per sample by conjugate gradient.
 
     Arguments:
@@ -50,12 +59,19 @@ def conjugate_gradient(
         maxiter: The number of iterations (>= 1). Exact in at most ``prod(...)``.
         tol: Relative residual tolerance; a sample stops updating once
             ``||r_i|| <= tol * ||b_i||`` (0 runs all iterations).
+        companion: If true, ``matvec(p)`` returns a pair ``(M p, W p)`` for a linear map
+            :math:`W` (``W p`` of any shape ``(B, ...)``), and the result is the pair
+            ``(v, W v)`` with :math:`W v = \sum_k \alpha_k W p_k` accumulated inside the loop
+            (same step sizes, same freezing by ``tol`` and by the curvature guard). Needs
+            ``x0 = None`` (the sum starts from :math:`v_0 = 0`).
 
     Returns:
-        The approximate solutions ``v``, shape ``(B, ...)``.
+        The approximate solutions ``v``, shape ``(B, ...)``; with ``companion``, the pair
+        ``(v, W v)``.
 
     Raises:
-        ValueError: if ``maxiter < 1``, ``tol < 0`` or ``b`` has no batch dimension.
+        ValueError: if ``maxiter < 1``, ``tol < 0``, ``b`` has no batch dimension, or
+            ``companion`` is set together with ``x0``.
     """
     if int(maxiter) != maxiter or maxiter < 1:
         raise ValueError(f"`maxiter` must be an integer >= 1, got {maxiter!r}")
@@ -63,6 +79,9 @@ def conjugate_gradient(
         raise ValueError(f"`tol` must be >= 0, got {tol!r}")
     if b.dim() < 2:
         raise ValueError(f"`b` must have shape (B, ...), got {tuple(b.shape)}")
+
+    if companion and x0 is not None:
+        raise ValueError("`companion` needs `x0=None`: W v is accumulated from v0 = 0")
 
     if x0 is None:
         x = torch.zeros_like(b)
@@ -77,19 +96,28 @@ def conjugate_gradient(
     rr = _dot(r, r)
     threshold = (tol**2) * _dot(b, b)
     tiny = torch.finfo(b.dtype).tiny
+    wx = None  # W x, accumulated when `companion`
 
     for _ in range(int(maxiter)):
-        Mp = matvec(p)
+        if companion:
+            Mp, Wp = matvec(p)
+        else:
+            Mp = matvec(p)
         pMp = _dot(p, Mp)
         # A direction of non-positive curvature means M is not positive definite there
         # (e.g. the Jacobian of an imperfect denoiser): stop that sample rather than diverge.
         active = (rr > threshold) & (pMp > 0)
         alpha = torch.where(active, rr / pMp.clamp_min(tiny), torch.zeros_like(rr))
         x = x + _expand(alpha, x) * p
+        if companion:
+            step = _expand(alpha, Wp) * Wp
+            wx = step if wx is None else wx + step
         r = r - _expand(alpha, r) * Mp
         rr_new = _dot(r, r)
         beta = torch.where(active, rr_new / rr.clamp_min(tiny), torch.zeros_like(rr))
         p = torch.where(_expand(active, p), r + _expand(beta, p) * p, p)
         rr = torch.where(active, rr_new, rr)
 
+    if companion:
+        return x, wx
     return x

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from .operators import LinearOperator, check_batch
 from .edm import is_edm_scheduler, make_scheduler, sample_edm
-from .posterior import MMPSDenoiser
+from .posterior import GUIDANCE_OPTIONS, make_posterior
 from .random import randn
 from .scheduler import VEScheduler
 
@@ -43,6 +43,10 @@ def sample(
         num_inference_steps: Number of steps (>= 1).
         generator: A ``torch.Generator`` or a list of them (one per block of samples).
         progress: Show a progress bar.
+
+    A posterior step hook (:class:`~diffem.posterior.DPSGuidance`,
+    :class:`~diffem.posterior.PiGDMGuidance`) is recognised by its ``step_correction``
+    method: its correction for the step from ``sigmas[i]`` is added to the new sample.
     """
     if is_edm_scheduler(scheduler):  # diffusers' EDM samplers (diffem.edm)
         return sample_edm(denoiser, shape, scheduler, num_inference_steps, generator, progress=progress, device=device)
@@ -53,7 +57,11 @@ def sample(
     b = shape[0]
     for i in tqdm(range(num_inference_steps), desc="sampling", disable=not progress, leave=False):
         x_hat = denoiser(x, sigmas[i].expand(b))
+        # A step hook's correction is taken before the step (a corrector may call the denoiser again).
+        correction = denoiser.step_correction(sigmas[i + 1]) if hasattr(denoiser, "step_correction") else None
         x = scheduler.step(x_hat, i, x, generator=generator, denoiser=denoiser).prev_sample
+        if correction is not None:
+            x = x + correction
     return denoiser(x, sigmas[-1].expand(b))
 
 
@@ -81,8 +89,12 @@ def sample_posterior(
     tol: float = 0.0,
     progress: bool = False,
     device=None,
+    scheduler: VEScheduler | None = None,
+    guidance: str = "mmps",
+    covariance: str = "tweedie",
+    guidance_options: dict | None = None,
 ) -> Tensor:
-    r"""One posterior sample :math:`x_i \sim q(x \mid y_i)` per observation, by MMPS.
+    r"""One posterior sample :math:`x_i \sim q(x \mid y_i)` per observation, by MMPS (or a baseline).
 
     Arguments:
         denoiser: The prior denoiser.
@@ -99,24 +111,47 @@ def sample_posterior(
             (the result then does not depend on ``batch_size``, which must be a multiple
             of the block size).
         batch_size: Observations per sampler call.
+        scheduler: A :class:`VEScheduler` to use instead of ``VEScheduler(method=method)``
+            (e.g. with the E-step's Langevin ``corrections`` and ``delta``); its method wins.
+        guidance: The posterior method, one of :data:`diffem.posterior.GUIDANCES`
+            (``"mmps"``, ``"dps"``, ``"pigdm"``, ``"tmpd"``, ``"diffpir"``); ``maxiter`` and
+            ``tol`` go to the methods that take them (all but DPS and TMPD).
+        covariance: MMPS's covariance, ``"tweedie"``, ``"prior"`` (:math:`\Sigma_x = I`
+            unless ``guidance_options["prior"]`` gives a GaussianPrior) or ``"sigma_t"``.
+        guidance_options: Further options of the method (e.g. ``{"zeta": 0.5}`` for DPS,
+            ``{"lmbda": 7.0}`` for DiffPIR), see :data:`diffem.posterior.GUIDANCE_OPTIONS`.
+
+    Raises:
+        ValueError: an unknown ``guidance`` or option, ``covariance`` other than
+            ``"tweedie"`` with a method other than MMPS, a bad option value.
 
     Returns:
         ``(N, *event_shape)`` samples on ``device`` (default: the device of ``y``).
     """
     n = y.shape[0]
     check_batch(operator, n)
+    options = dict(guidance_options or {})
+    accepted = GUIDANCE_OPTIONS.get(guidance, ())
+    if guidance == "mmps":
+        options["covariance"] = covariance
+    elif covariance != "tweedie":
+        raise ValueError(f"`covariance` applies to guidance 'mmps' only, got covariance={covariance!r} with {guidance!r}")
+    for key, value in (("maxiter", maxiter), ("tol", tol)):
+        if key in accepted:
+            options.setdefault(key, value)
+    make_posterior(guidance, denoiser, y[:1], operator[:1], noise_std, **options)  # fail before any work
     block, gens = _split_generators(generator, n) if generator is not None else (None, None)
     if gens is None:
         raise ValueError("`generator` is required: pass a seeded torch.Generator or a list of them")
     if block is not None:
         batch_size = max(block, batch_size // block * block)
     device = y.device if device is None else device
-    scheduler = make_scheduler(method)
+    scheduler = make_scheduler(method) if scheduler is None else scheduler
     out = []
     for i in tqdm(range(0, n, batch_size), desc="posterior sampling", disable=not progress):
         j = min(i + batch_size, n)
         g = gens if block is None else gens[i // block : j // block]
         yb = y[i:j].to(device)
-        posterior = MMPSDenoiser(denoiser, yb, operator[i:j].to(device), noise_std, maxiter=maxiter, tol=tol)
+        posterior = make_posterior(guidance, denoiser, yb, operator[i:j].to(device), noise_std, **options)
         out.append(sample(posterior, (j - i, *event_shape), scheduler, steps, g, device=device))
     return torch.cat(out)

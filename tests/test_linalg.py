@@ -147,3 +147,53 @@ def test_cg_bad_tol_and_shape_raise():
         conjugate_gradient(lambda v: v, torch.ones(2, 3), tol=-1.0)
     with pytest.raises(ValueError, match="`b`"):
         conjugate_gradient(lambda v: v, torch.ones(3))
+
+
+# -- companion output ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("maxiter", [1, 3, 8])
+@pytest.mark.parametrize("tol", [0.0, 1e-3])
+def test_cg_companion_equals_the_map_of_the_solution(maxiter, tol):
+    """With ``companion``, W v is accumulated inside CG: equal to applying W to the returned v."""
+    g = torch.Generator().manual_seed(7)
+    B, n, m = 4, 8, 5
+    M = _spd(B, n, g)
+    M[0] = 3.0 * torch.eye(n, dtype=torch.float64)  # converges at once: frozen by `tol` afterwards
+    W = torch.randn(B, m, n, generator=g, dtype=torch.float64)
+    b = torch.randn(B, n, generator=g, dtype=torch.float64)
+
+    def matvec(p):
+        return _matvec(M)(p), _matvec(W)(p)
+
+    v, wv = conjugate_gradient(matvec, b, maxiter=maxiter, tol=tol, companion=True)
+    assert wv.shape == (B, m)
+    torch.testing.assert_close(v, conjugate_gradient(_matvec(M), b, maxiter=maxiter, tol=tol), rtol=0, atol=0)
+    torch.testing.assert_close(wv, _matvec(W)(v), rtol=1e-12, atol=1e-12)
+
+
+def test_cg_companion_under_the_curvature_guard():
+    """An indefinite M stops a sample at its first non-positive curvature; W v stays consistent."""
+    g = torch.Generator().manual_seed(8)
+    B, n = 3, 6
+    q, _ = torch.linalg.qr(torch.randn(B, n, n, generator=g, dtype=torch.float64))
+    lam = torch.linspace(-1.0, 2.0, n, dtype=torch.float64).expand(B, n)
+    M = q @ torch.diag_embed(lam) @ q.mT  # indefinite
+    W = torch.randn(B, n, n, generator=g, dtype=torch.float64)
+    b = torch.randn(B, n, generator=g, dtype=torch.float64)
+    curvatures = []
+
+    def matvec(p):
+        Mp = _matvec(M)(p)
+        curvatures.append((p * Mp).sum(-1))
+        return Mp, _matvec(W)(p)
+
+    v, wv = conjugate_gradient(matvec, b, maxiter=n, companion=True)
+    assert (torch.stack(curvatures) <= 0).any()  # the guard was met
+    assert torch.isfinite(v).all()
+    torch.testing.assert_close(wv, _matvec(W)(v), rtol=1e-12, atol=1e-12)
+
+
+def test_cg_companion_rejects_an_initial_guess():
+    with pytest.raises(ValueError, match="`companion`"):
+        conjugate_gradient(lambda v: (v, v), torch.ones(2, 3), x0=torch.zeros(2, 3), companion=True)

@@ -210,3 +210,107 @@ def test_sample_posterior_matches_exact_posterior(case):
         cov_ddpm = V @ torch.diag(lam * factors) @ V.mT
         rel_ddpm = (emp_cov - cov_ddpm).norm() / cov_ddpm.norm()
         assert rel_ddpm < 0.08, rel_ddpm
+
+
+# -- the one-forward + maxiter-VJP form equals the straightforward form ----------------------------------------
+
+
+def reference_mmps(denoiser, y, A, noise_std, x_t, sigma, maxiter, tol=0.0):
+    r"""The straightforward MMPS (one forward, maxiter + 1 VJPs): solve for v, then one more VJP for J^T A^T v."""
+    from diffem.linalg import conjugate_gradient
+
+    with torch.enable_grad():
+        x_t = x_t.detach().requires_grad_(True)
+        x_hat = denoiser(x_t, sigma)
+        s2 = sigma.square().reshape(-1, *[1] * (x_t.dim() - 1))
+
+        def vjp(v):
+            return torch.autograd.grad(x_hat, x_t, v, retain_graph=True)[0]
+
+        def matvec(v):
+            return noise_std**2 * v + s2.reshape(-1, *[1] * (y.dim() - 1)) * A(vjp(A.T(v)))
+
+        v = conjugate_gradient(matvec, (y - A(x_hat)).detach(), maxiter=maxiter, tol=tol)
+        return (x_hat + s2 * vjp(A.T(v))).detach(), x_hat.detach()
+
+
+class TinyDenoiser(torch.nn.Module):
+    """A nonlinear float64 denoiser (EDM preconditioning, tanh layer): J is neither symmetric nor constant."""
+
+    def __init__(self, d, g, hidden=16, matrix=None):
+        super().__init__()
+        self.w1 = torch.randn(d, hidden, generator=g, dtype=torch.float64) / d**0.5
+        self.w2 = torch.randn(hidden, d, generator=g, dtype=torch.float64) / hidden**0.5
+        self.matrix = matrix
+
+    def forward(self, x_t, sigma):
+        shape, flat = x_t.shape, x_t.flatten(1)
+        if self.matrix is not None:  # a linear "denoiser" with an indefinite Jacobian
+            return (flat @ self.matrix.mT).reshape(shape)
+        s = sigma[:, None]
+        h = torch.tanh(flat / (s**2 + 1).sqrt() @ self.w1 + sigma.log()[:, None])
+        return (flat / (s**2 + 1) + s / (s**2 + 1).sqrt() * (h @ self.w2)).reshape(shape)
+
+
+def _fast_case(case, B, g, denoiser_kind="tiny"):
+    A, event = CASES[case](B, g)
+    d = math.prod(event)
+    if denoiser_kind == "indefinite":
+        q, _ = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))
+        lam = torch.linspace(-3.0, 1.0, d, dtype=torch.float64)
+        denoiser = TinyDenoiser(d, g, matrix=q @ torch.diag(lam) @ q.mT)
+    else:
+        denoiser = TinyDenoiser(d, g)
+    x = torch.randn(B, *event, generator=g, dtype=torch.float64)
+    y = GaussianObservation(A, 0.05).sample(x, generator=g)
+    sigma = torch.exp(torch.linspace(-3, 2, B, dtype=torch.float64))
+    x_t = x + sigma.reshape(-1, *[1] * len(event)) * torch.randn(x.shape, generator=g, dtype=torch.float64)
+    return denoiser, A, y, x_t, sigma
+
+
+def _relative_to_correction(out, ref, x_hat):
+    correction = (ref - x_hat).flatten(1).norm(dim=1).clamp_min(torch.finfo(ref.dtype).tiny)
+    return ((out - ref).flatten(1).norm(dim=1) / correction).max().item()
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("maxiter", [1, 3, 8])
+@pytest.mark.parametrize("tol", [0.0, 0.3])
+def test_fast_mmps_equals_the_straightforward_form(case, maxiter, tol):
+    """<= 1e-10 relative to the size of the correction sigma^2 J^T A^T v, float64."""
+    g = _gen(10 + maxiter)
+    denoiser, A, y, x_t, sigma = _fast_case(case, 6, g)
+    out = MMPSDenoiser(denoiser, y, A, 0.05, maxiter=maxiter, tol=tol)(x_t, sigma)
+    ref, x_hat = reference_mmps(denoiser, y, A, 0.05, x_t, sigma, maxiter, tol)
+    assert _relative_to_correction(out, ref, x_hat) <= 1e-10
+    if tol > 0 and maxiter > 1:  # early stopping did act: the result differs from the full run
+        full, _ = reference_mmps(denoiser, y, A, 0.05, x_t, sigma, maxiter, 0.0)
+        assert (ref - full).abs().max() > 1e-8
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("maxiter", [1, 3, 8])
+def test_fast_mmps_equals_the_straightforward_form_under_the_curvature_guard(case, maxiter):
+    """An indefinite Jacobian: some CG directions have p^T M p <= 0 and freeze their sample."""
+    g = _gen(20 + maxiter)
+    denoiser, A, y, x_t, sigma = _fast_case(case, 6, g, denoiser_kind="indefinite")
+    sigma = torch.full_like(sigma, 2.0)
+    curv = []
+    from diffem import linalg
+
+    original = linalg._dot
+
+    def spy(a, b):
+        out = original(a, b)
+        curv.append(out)
+        return out
+
+    linalg._dot = spy
+    try:
+        out = MMPSDenoiser(denoiser, y, A, 0.05, maxiter=maxiter)(x_t, sigma)
+    finally:
+        linalg._dot = original
+    assert (torch.stack(curv) <= 0).any()  # the guard was met (p^T M p <= 0 for some sample)
+    ref, x_hat = reference_mmps(denoiser, y, A, 0.05, x_t, sigma, maxiter)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)

@@ -1,0 +1,65 @@
+r"""Shared checks and helpers of the posterior methods (not public API)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from ..operators import LinearOperator, _check_noise_std, check_batch, check_finite
+
+__all__ = ["check_observation", "sigma_vector", "expand_as", "check_maxiter", "check_tol", "check_nonnegative"]
+
+
+def check_observation(y: Tensor, operator: LinearOperator, noise_std) -> float:
+    """Validate ``y`` ``(B, *out_shape)``, the operator (batch shape ``(B,)``) and ``noise_std``; return it."""
+    check_finite("y", y)
+    check_batch(operator, y.shape[0])
+    if operator.out_shape is not None and tuple(y.shape[1:]) != tuple(operator.out_shape):
+        raise ValueError(f"`y` has shape {tuple(y.shape)}, expected ({y.shape[0]}, *{operator.out_shape}) to match A(x)")
+    return _check_noise_std(noise_std)
+
+
+def check_maxiter(maxiter) -> int:
+    if isinstance(maxiter, bool) or int(maxiter) != maxiter or maxiter < 1:
+        raise ValueError(f"`maxiter` must be an integer >= 1, got {maxiter!r}")
+    return int(maxiter)
+
+
+def check_tol(tol) -> float:
+    tol = float(tol)
+    if not (tol >= 0 and math.isfinite(tol)):
+        raise ValueError(f"`tol` must be a finite number >= 0, got {tol!r}")
+    return tol
+
+
+def check_nonnegative(name: str, value, strict: bool = False) -> float:
+    """A finite float ``>= 0`` (``> 0`` when ``strict``), or a ValueError naming ``name``."""
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"`{name}` must be a number, got {value!r}") from None
+    ok = value > 0 if strict else value >= 0
+    if not (ok and math.isfinite(value)):
+        raise ValueError(f"`{name}` must be a finite number {'>' if strict else '>='} 0, got {value!r}")
+    return value
+
+
+def sigma_vector(sigma, x_t: Tensor, batch: int) -> Tensor:
+    r"""``sigma`` (float, 0-d or ``(B,)``, > 0) as a ``(B,)`` tensor of ``x_t``'s dtype and device."""
+    if x_t.shape[0] != batch:
+        raise ValueError(f"`x_t` has batch size {x_t.shape[0]}, expected {batch} (one per observation)")
+    sigma = torch.as_tensor(sigma, dtype=x_t.dtype, device=x_t.device)
+    if sigma.dim() == 0:
+        sigma = sigma.expand(batch)
+    elif sigma.shape != (batch,):
+        raise ValueError(f"`sigma` must be a scalar or have shape ({batch},), got {tuple(sigma.shape)}")
+    if not (sigma > 0).all():
+        raise ValueError("`sigma` must be > 0")
+    return sigma
+
+
+def expand_as(s: Tensor, like: Tensor) -> Tensor:
+    """A per-sample ``(B,)`` tensor reshaped to broadcast against ``like`` ``(B, ...)``."""
+    return s.reshape(-1, *([1] * (like.dim() - 1)))
