@@ -123,8 +123,8 @@ class LinearOperator:
         if known is None:
             raise ValueError(
                 f"{type(self).__name__} declares neither `in_shape` nor `out_shape`: set `self.in_shape` "
-                "(the event shape of x) in __init__, or wrap a function with "
-                "LinearOperator.from_function(f, in_shape)"
+                "(the event shape of x) in __init__ (or the class attribute `accepts_any_shape = True` for an "
+                "operator that takes any shape), or wrap a function with LinearOperator.from_function(f, in_shape)"
             )
         zeros = torch.zeros(*self.batch_shape, *known, **self._probe_options())
         inferred = tuple(probe(zeros).shape[len(self.batch_shape) :])
@@ -456,6 +456,9 @@ class Mask(LinearOperator):
             images of shape ``(*batch, C, H, W)`` for any ``C`` given by ``channels``.
         channels: The number of image channels ``C`` (default 3).
 
+    ``A.pinv = A`` (an orthogonal projection). Box inpainting: :meth:`box` and
+    :meth:`random_box`.
+
     Raises:
         ValueError: if ``mask`` is not boolean, has the wrong number of dimensions,
             has a channel dimension other than 1, or observes nothing in a sample.
@@ -581,7 +584,7 @@ class SuperResolution(LinearOperator):
 
     Its adjoint spreads each value over its block divided by :math:`f^2`, so
     :math:`A A^T = I / f^2` and :math:`A^+ = f^2 A^T` (nearest-neighbour upsampling).
-    It has no per-sample parameters: batch shape ``()``.
+    It has no per-sample parameters: batch shape ``()``, shared by any leading batch.
 
     Arguments:
         factor: The down-sampling factor ``f`` >= 1 (4 for the usual x4 task).
