@@ -1,11 +1,14 @@
 """The ``diffem`` command.
 
     diffem train <experiment> [--profile P] [--config FILE] [--output-dir DIR] [--set key=value ...] [--dry-run]
-    diffem evaluate <run_dir> [--lap K] [--samples N]
+    diffem evaluate <run_dir> [--lap K | --missing] [--samples N] [--set eval.key=value ...]
     diffem setup-inception
 
 ``train`` runs (or resumes) EM; launch it with ``accelerate launch -m diffem.cli train ...``
 for several processes or GPUs. ``--dry-run`` prints the resolved configuration and exits.
+``evaluate`` fills in (or redoes) the evaluation of saved laps, with the run's ``eval.*``
+keys or changed ones, and updates their records in ``metrics.jsonl``; it exits with 1 if
+an evaluation fails (the failure is recorded).
 """
 
 from __future__ import annotations
@@ -50,31 +53,41 @@ def _train(args) -> int:
 def _evaluate(args) -> int:
     from pathlib import Path
 
-    from accelerate import Accelerator
-
-    from .config import _from_dict, EMConfig
-    from .em import EMTrainer
+    from .config import EMConfig, _from_dict
+    from .em import EMTrainer, make_accelerator
 
     run_dir = Path(args.run_dir)
     if not (run_dir / "config.yaml").exists():
         raise ConfigError(f"`{run_dir}` is not a run folder (no config.yaml)")
-    config = _from_dict(EMConfig, yaml.safe_load((run_dir / "config.yaml").read_text())).validate()
-    config.output_dir = str(run_dir)
+    data = yaml.safe_load((run_dir / "config.yaml").read_text())
     if args.samples is not None:
-        config.eval.samples = args.samples
-    trainer = EMTrainer(config, Accelerator())
+        args.set.append(f"eval.samples={args.samples}")
+    for item in args.set:  # only the evaluation's keys may change for a saved run
+        key, _, raw = item.partition("=")
+        if not key.startswith("eval.") or not raw:
+            raise ConfigError(f"`diffem evaluate --set {item}`: only `eval.<key>=<value>` may be set")
+        data.setdefault("eval", {})[key[len("eval."):]] = yaml.safe_load(raw)
+    config = _from_dict(EMConfig, data).validate()
+    config.output_dir = str(run_dir)
+    accelerator = make_accelerator(config)
+    trainer = EMTrainer(config, accelerator, progress=not args.no_progress)
     done = trainer.laps_done()
     if not done:
         raise FileNotFoundError(f"`{run_dir}` has no finished lap (no lap_KK/ checkpoint) to evaluate")
-    lap = done[-1] if args.lap is None else args.lap
-    if lap not in done:
-        raise FileNotFoundError(f"lap {lap} of `{run_dir}` has no checkpoint (finished laps: {done})")
-    from .random import derive_seed
-
-    pipe = trainer.load_lap(lap)
-    metrics = trainer.task.evaluate(pipe, lap, derive_seed(config.seed, 4))
-    print(json.dumps({"lap": lap} | metrics))
-    return 0
+    if args.missing:
+        laps = trainer.missing_evaluations()
+    else:
+        laps = [done[-1] if args.lap is None else args.lap]
+        if laps[0] not in done:
+            raise FileNotFoundError(f"lap {laps[0]} of `{run_dir}` has no checkpoint (finished laps: {done})")
+    failed = 0
+    for lap in laps:
+        record = trainer.evaluate(lap)  # updates the lap's record in metrics.jsonl
+        failed += record.get("eval_status") != "ok"
+        if accelerator.is_main_process:
+            print(json.dumps({k: v for k, v in record.items() if k != "lr_log"}))
+    accelerator.end_training()
+    return 1 if failed else 0
 
 
 def _setup_inception(args) -> int:
@@ -98,10 +111,14 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("--no-progress", action="store_true")
     train.set_defaults(func=_train)
 
-    evaluate = sub.add_parser("evaluate", help="evaluate a finished lap of a run")
+    evaluate = sub.add_parser("evaluate", help="evaluate saved laps of a run and update their records")
     evaluate.add_argument("run_dir")
-    evaluate.add_argument("--lap", type=int, default=None)
-    evaluate.add_argument("--samples", type=int, default=None)
+    which = evaluate.add_mutually_exclusive_group()
+    which.add_argument("--lap", type=int, default=None, help="the lap to evaluate (default: the last saved)")
+    which.add_argument("--missing", action="store_true", help="every saved lap due an evaluation that has none")
+    evaluate.add_argument("--samples", type=int, default=None, help="shorthand for --set eval.samples=N")
+    evaluate.add_argument("--set", nargs="*", action="extend", default=[], metavar="eval.KEY=VALUE")
+    evaluate.add_argument("--no-progress", action="store_true")
     evaluate.set_defaults(func=_evaluate)
 
     setup = sub.add_parser("setup-inception", help="convert the offline FID Inception weights")

@@ -100,6 +100,8 @@ class EMConfig:
     experiment: str = "manifold"
     profile: str = "cpu"
     seed: int = 0
+    precision: str = "fp32"  #: "fp32" or "bf16": the M-step's mixed precision (accelerate); fp16 is refused
+    timeout_minutes: float = 60.0  #: process-group timeout (accelerate InitProcessGroupKwargs)
     output_dir: str = ""  #: default: runs/<experiment>-<profile>
     laps: int = 8
     data: dict = field(default_factory=dict)
@@ -114,6 +116,10 @@ class EMConfig:
         checks = [
             ("laps", self.laps >= 0, "must be >= 0"),
             ("seed", self.seed >= 0, "must be >= 0"),
+            ("precision", self.precision in ("fp32", "bf16"),
+             f"must be fp32 or bf16, got {self.precision!r} (fp16 is refused: the denoising loss weights "
+             "1 / sigma^2 + 1 reach 1e6 at sigma_min = 1e-3, beyond float16's range of 6.5e4; use bf16)"),
+            ("timeout_minutes", self.timeout_minutes > 0, "must be > 0"),
             ("lap0.rank", self.lap0.rank >= 0, "must be >= 0"),
             ("lap0.iterations", self.lap0.iterations >= 0, "must be >= 0"),
             ("lap0.observations", self.lap0.observations >= 2, "must be >= 2"),

@@ -36,9 +36,8 @@ import torch
 from diffusers import ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
 from torch import Tensor
-from tqdm.auto import tqdm
 
-from .operators import LinearOperator, _check_noise_std, check_batch, check_finite
+from .operators import LinearOperator, _check_noise_std, check_finite
 
 __all__ = ["GaussianPrior", "operator_matrix", "fit_gaussian_em"]
 
@@ -262,96 +261,10 @@ class GaussianPrior(ModelMixin, ConfigMixin):
         return out[0] if operator.batch_shape == () else out
 
 
-def fit_gaussian_em(
-    y: Tensor,
-    operator: LinearOperator,
-    noise_std: float,
-    rank: int,
-    iterations: int,
-    event_shape: Sequence[int],
-    estep: str = "exact",
-    generator: torch.Generator | None = None,
-    sampler_steps: int = 64,
-    maxiter: int = 1,
-    batch_size: int = 1024,
-    prior: GaussianPrior | None = None,
-    progress: bool = True,
-    callback=None,
-) -> GaussianPrior:
-    r"""Fit a Gaussian prior to observations only, by expectation-maximization (lap 0).
+def __getattr__(name):
+    # The lap-0 EM driver lives beside the EM code (diffem.em.lap0); re-exported here.
+    if name == "fit_gaussian_em":
+        from .em.lap0 import fit_gaussian_em
 
-    Starts from :math:`\mathcal{N}(0, I)` (or ``prior``). Each iteration:
-
-    - ``estep="exact"``: the exact posteriors :math:`\mathcal{N}(m_i, S_i)` (dense; small
-      ``d``); the M-step is PPCA of the expected scatter
-      :math:`\frac{1}{N}\sum_i S_i + (m_i - \mu)(m_i - \mu)^T`. This is exact EM: the
-      log-evidence never decreases.
-    - ``estep="sample"``: one exact posterior sample per observation (dense; small ``d``),
-      then PPCA of the samples (stochastic EM).
-    - ``estep="mmps"``: one posterior sample per observation by MMPS with the prior's exact
-      denoiser and a DDPM sampler of ``sampler_steps`` steps and ``maxiter`` CG
-      iterations (any ``d``: images), then PPCA of the samples.
-
-    Arguments:
-        y: Observations ``(N, *out_shape)``.
-        operator: Operator with batch shape ``(N,)``.
-        noise_std: :math:`\sigma_y > 0`.
-        rank: PPCA rank ``r``.
-        iterations: Number of EM iterations (>= 0).
-        event_shape: Shape of one signal ``x``.
-        generator: Required for the sampling E-steps.
-        callback: Called as ``callback(iteration, prior)`` after each iteration.
-
-    Returns:
-        The fitted :class:`GaussianPrior`.
-
-    References:
-        Dempster, Laird & Rubin 1977; Rozet et al. 2024, Section 4 (lap 0).
-    """
-    if estep not in ("exact", "sample", "mmps"):
-        raise ValueError(f"`estep` must be 'exact', 'sample' or 'mmps', got {estep!r}")
-    if iterations < 0:
-        raise ValueError(f"`iterations` must be >= 0, got {iterations}")
-    check_batch(operator, y.shape[0])
-    if estep != "exact" and generator is None:
-        raise ValueError("`generator` is required for a sampling E-step")
-    event_shape = tuple(event_shape)
-    d = math.prod(event_shape)
-    dtype = torch.float64 if estep != "mmps" else torch.float32
-    if prior is None:
-        prior = GaussianPrior(event_shape=event_shape, rank=min(rank, d))
-        prior = GaussianPrior.from_parameters(prior.mean.to(dtype), prior.factor.to(dtype), prior.diag.to(dtype), event_shape)
-    prior = prior.to(y.device)
-    n = y.shape[0]
-
-    for it in tqdm(range(iterations), desc="lap 0 (Gaussian EM)", disable=not progress):
-        if estep == "exact":
-            means, covs = [], []
-            for i in range(0, n, batch_size):
-                m, S = prior.posterior(y[i : i + batch_size], operator[i : i + batch_size], noise_std)
-                means.append(m)
-                covs.append(S.sum(0))
-            m = torch.cat(means)
-            mu = m.mean(0)
-            centred = m - mu
-            scatter = (sum(covs) + centred.mT @ centred) / n
-            prior = GaussianPrior.from_moments(mu, scatter, rank, event_shape)
-        elif estep == "sample":
-            samples = []
-            for i in range(0, n, batch_size):
-                m, S = prior.posterior(y[i : i + batch_size], operator[i : i + batch_size], noise_std)
-                L = torch.linalg.cholesky(S + 1e-10 * torch.eye(d, dtype=dtype, device=S.device))
-                z = torch.randn(m.shape, generator=generator, dtype=dtype, device=generator.device).to(m.device)
-                samples.append(m + (L @ z[..., None])[..., 0])
-            prior = GaussianPrior.fit(torch.cat(samples).reshape(n, *event_shape), rank)
-        else:
-            from .sampling import sample_posterior
-
-            x = sample_posterior(
-                prior, y, operator, noise_std, event_shape=event_shape, steps=sampler_steps,
-                maxiter=maxiter, generator=generator, batch_size=batch_size, progress=False,
-            )
-            prior = GaussianPrior.fit(x.to(dtype), rank)
-        if callback is not None:
-            callback(it, prior)
-    return prior
+        return fit_gaussian_em
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -6,12 +6,22 @@ for lap 0) and a :class:`~diffem.scheduler.VEScheduler`. Called without an
 observation it samples the prior :math:`q_\theta(x)`; with an observation ``y``,
 an operator ``A`` and a noise level :math:`\sigma_y`, it samples the posterior
 :math:`q_\theta(x \mid y)` with MMPS (Rozet et al. 2024, arXiv:2405.13712, Section 4).
-Each EM lap is saved as one such pipeline folder (``save_pretrained``).
+Each EM lap is saved as one such pipeline folder (``save_pretrained``). Its scheduler is
+the evaluation's (unconditional samples); ``sampling.json`` beside it holds the E-step's
+sampler settings, so that posterior sampling can repeat the E-step exactly::
+
+    pipe = DiffusionPriorPipeline.from_pretrained("runs/manifold-cpu/lap_08")
+    settings = load_sampling_settings("runs/manifold-cpu/lap_08")["estep"]
+    pipe.scheduler = estep_scheduler(settings)
+    pipe(observation=y, operator=A, noise_std=0.01, generator=gens,
+         num_inference_steps=settings["num_inference_steps"], maxiter=settings["maxiter"])
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from diffusers import DiffusionPipeline
@@ -25,7 +35,45 @@ from .posterior import MMPSDenoiser
 from .sampling import sample
 from .scheduler import VEScheduler
 
-__all__ = ["DiffusionPriorPipeline", "DiffusionPriorPipelineOutput", "event_shape_of", "denoiser_of"]
+__all__ = [
+    "DiffusionPriorPipeline",
+    "DiffusionPriorPipelineOutput",
+    "event_shape_of",
+    "denoiser_of",
+    "SAMPLING_FILE",
+    "load_sampling_settings",
+    "estep_scheduler",
+]
+
+#: The file of a saved lap that holds its E-step and evaluation sampler settings.
+SAMPLING_FILE = "sampling.json"
+
+
+def load_sampling_settings(folder) -> dict:
+    """The sampler settings a lap was saved with, ``{"estep": {...}, "eval": {...}}``.
+
+    ``estep``: ``method`` ("ddpm", "ddim", "pc"), ``num_inference_steps``, ``corrections``,
+    ``delta`` (PC only), ``maxiter`` and ``tol`` (CG of MMPS); ``eval``: ``method`` and
+    ``num_inference_steps`` of the evaluation's unconditional sampler.
+
+    Raises:
+        FileNotFoundError: for a folder saved without them (laps saved before they were recorded).
+    """
+    path = Path(folder) / SAMPLING_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist: this lap was saved without its sampler settings")
+    return json.loads(path.read_text())
+
+
+def estep_scheduler(settings: dict) -> VEScheduler:
+    """The scheduler of a settings mapping (``load_sampling_settings(folder)["estep"]``): a
+    :class:`VEScheduler`, or a diffusers EDM scheduler for ``"edm_euler"`` / ``"edm_dpmpp"``
+    (:func:`diffem.edm.make_scheduler`)."""
+    from .edm import make_scheduler
+
+    return make_scheduler(
+        settings["method"], corrections=int(settings.get("corrections", 1)), delta=float(settings.get("delta", 0.1))
+    )
 
 
 @dataclass

@@ -15,7 +15,10 @@ raise :class:`~diffem.config.ConfigError` naming the key.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import importlib
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +29,7 @@ from torch import Tensor, nn
 from ..config import ConfigError, EMConfig
 from ..operators import LinearOperator
 
-__all__ = ["ObservationSet", "Task", "get_task", "draw_prior_samples", "load_or_build", "TASKS"]
+__all__ = ["ObservationSet", "Task", "get_task", "draw_prior_samples", "sharded_over", "load_or_build", "TASKS"]
 
 
 @dataclass
@@ -96,18 +99,45 @@ def load_or_build(path: Path, build) -> datasets.Dataset:
     return datasets.load_from_disk(str(path))
 
 
+_SHARDING: contextvars.ContextVar = contextvars.ContextVar("diffem_sharding", default=None)
+
+
+@contextlib.contextmanager
+def sharded_over(accelerator):
+    """Within this context, :func:`draw_prior_samples` splits its samples over the processes of
+    ``accelerator`` and gathers them (every process must then call it with the same arguments)."""
+    token = _SHARDING.set(accelerator)
+    try:
+        yield
+    finally:
+        _SHARDING.reset(token)
+
+
 def draw_prior_samples(pipeline, n: int, eval_config, seed: int, progress: bool = True) -> Tensor:
-    """``n`` prior samples from a pipeline with the evaluation sampler, one generator per sample."""
+    """``n`` prior samples ``(n, *event_shape)`` on the CPU with the evaluation sampler.
+
+    Sample ``i`` draws from its own generator seeded with ``(seed, i)``, so the samples do
+    not depend on ``eval_config.batch_size`` nor, inside :func:`sharded_over`, on the number
+    of processes: process ``r`` of ``P`` draws samples ``[r m, (r + 1) m)`` with
+    ``m = ceil(n / P)`` (the last one's extra indices are drawn and dropped) and every
+    process receives all ``n``.
+    """
     from ..random import make_generators
     from ..scheduler import VEScheduler
 
     pipeline.scheduler = VEScheduler(method=eval_config.method)
+    acc = _SHARDING.get()
+    processes, rank = (acc.num_processes, acc.process_index) if acc is not None else (1, 0)
+    per = math.ceil(n / processes)
     out = []
-    for i in range(0, n, eval_config.batch_size):
-        idx = range(i, min(i + eval_config.batch_size, n))
+    for i in range(rank * per, (rank + 1) * per, eval_config.batch_size):
+        idx = range(i, min(i + eval_config.batch_size, (rank + 1) * per))
         gens = make_generators(seed, indices=idx)
         out.append(pipeline(len(idx), eval_config.steps, gens, progress=False).samples.cpu())
-    return torch.cat(out) if out else torch.empty(0)
+    x = torch.cat(out) if out else torch.empty(0, *pipeline.event_shape)
+    if processes > 1:
+        x = acc.gather(x.to(acc.device).contiguous()).cpu()
+    return x[:n]
 
 
 #: Experiment name -> "module:class" (imported on demand).

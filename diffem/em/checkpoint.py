@@ -1,0 +1,214 @@
+"""Checkpointing of an EM run: lap folders, M-step checkpoints, lap records and the run's config.
+
+Everything here writes atomically (a temporary name, then ``os.replace``), so a process
+killed at any point leaves either the old or the new file, never half of one.
+
+Run layout (``config.run_dir``)::
+
+    config.yaml           the resolved configuration
+    observations/         the observation set (y and operator parameters; no x)
+    metrics.jsonl         one JSON record per saved lap (updated when its evaluation lands)
+    lap_KK/               the prior after lap KK: a DiffusionPriorPipeline (EMA weights) whose
+                          scheduler is the evaluation's, plus sampling.json with the E-step's
+                          and the evaluation's sampler settings
+    eval/lap_KK.pt        small evaluation artifacts (samples for figures)
+    work/lap_KK/estep/    E-step chunks (removed once the lap is saved)
+    work/lap_KK/mstep/    the last M-step checkpoint (removed once the lap is saved)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+import yaml
+
+from ..config import ConfigError, EMConfig, config_to_dict
+from ..pipeline import SAMPLING_FILE, DiffusionPriorPipeline
+from ..scheduler import VEScheduler
+
+__all__ = [
+    "lap_dir",
+    "is_complete",
+    "atomic_torch_save",
+    "atomic_write_text",
+    "check_resume_config",
+    "save_lap",
+    "sampling_settings",
+    "LapRecords",
+    "MStepCheckpoint",
+]
+
+#: Top-level config keys a resumed run may change (``eval`` is a whole section).
+RESUMABLE_KEYS = ("laps", "eval")
+
+
+def lap_dir(run_dir: Path, lap: int) -> Path:
+    """The pipeline folder of a lap: ``run_dir/lap_KK``."""
+    return Path(run_dir) / f"lap_{lap:02d}"
+
+
+def is_complete(folder: Path) -> bool:
+    """Whether a lap folder was saved completely (it is renamed into place last)."""
+    return (Path(folder) / "model_index.json").exists()
+
+
+def atomic_torch_save(obj, path: Path) -> None:
+    """``torch.save`` to ``path`` through a temporary file."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def check_resume_config(path: Path, config: EMConfig) -> None:
+    """Raise :class:`ConfigError` unless ``config`` may resume the run whose config is at ``path``.
+
+    A resumed run may change ``laps`` and the ``eval.*`` keys, and nothing else: every
+    other key changes what the saved laps mean.
+    """
+    path = Path(path)
+    if not path.exists():
+        return
+    old = yaml.safe_load(path.read_text()) or {}
+    new = config_to_dict(config)
+    changed = [k for k in _changed_keys(old, new) if k.split(".")[0] not in RESUMABLE_KEYS]
+    if changed:
+        raise ConfigError(
+            f"{path} holds a different configuration (changed: {', '.join(changed)}); a resumed run may only "
+            "change `laps` and `eval.*`: resume with the same settings or choose another `output_dir`"
+        )
+
+
+def _changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ; a key missing on one side (added to or removed from
+    :class:`EMConfig` since the run started) counts as unchanged."""
+    out = []
+    for k in sorted(set(old) & set(new)):
+        a, b = old[k], new[k]
+        if isinstance(a, dict) and isinstance(b, dict) and k not in ("data", "network"):
+            out += _changed_keys(a, b, f"{prefix}{k}.")
+        elif a != b:
+            out.append(f"{prefix}{k}")
+    return out
+
+
+def sampling_settings(config: EMConfig) -> dict:
+    """The sampler settings a lap is saved with: the E-step's (MMPS posterior) and the evaluation's."""
+    e, v = config.estep, config.eval
+    return {
+        "estep": {"method": e.method, "num_inference_steps": e.steps, "corrections": e.corrections,
+                  "delta": e.delta, "maxiter": e.maxiter, "tol": e.tol},
+        "eval": {"method": v.method, "num_inference_steps": v.steps},
+    }
+
+
+def save_lap(run_dir: Path, lap: int, unet, config: EMConfig) -> Path:
+    """Save the prior of ``lap`` as a pipeline folder (call on the main process only).
+
+    The pipeline's scheduler is the evaluation's (unconditional sampling);
+    ``sampling.json`` beside it holds the E-step's settings (DDPM / PC steps, Langevin
+    corrections, CG iterations) so that posterior sampling can repeat the E-step
+    (:func:`diffem.pipeline.estep_scheduler`).
+    """
+    final = lap_dir(run_dir, lap)
+    tmp = final.with_name(final.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    DiffusionPriorPipeline(unet, VEScheduler(method=config.eval.method)).save_pretrained(tmp)
+    (tmp / SAMPLING_FILE).write_text(json.dumps(sampling_settings(config), indent=2) + "\n")
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    return final
+
+
+class LapRecords:
+    """``metrics.jsonl``: one JSON record per lap, written when the lap is saved, updated later.
+
+    Files written before records were updated in place may hold several lines for a lap;
+    the last one wins (as in the report scripts).
+    """
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    def read(self) -> dict[int, dict]:
+        """``{lap: record}``."""
+        records: dict[int, dict] = {}
+        if self.path.exists():
+            for line in self.path.read_text().splitlines():
+                if line.strip():
+                    r = json.loads(line)
+                    records[int(r["lap"])] = r
+        return records
+
+    def get(self, lap: int) -> dict | None:
+        return self.read().get(lap)
+
+    def write(self, record: dict) -> None:
+        """Insert or replace the record of ``record["lap"]`` (main process only)."""
+        records = self.read()
+        records[int(record["lap"])] = record
+        atomic_write_text(self.path, "".join(json.dumps(records[k]) + "\n" for k in sorted(records)))
+
+
+class MStepCheckpoint:
+    """The resumable state of one lap's M-step in ``folder``: versioned ``checkpoint-SSSSSSSS/``
+    folders (accelerate state, EMA weights) and ``state.json`` naming the last complete one.
+
+    ``state.json`` is replaced atomically and always names a complete checkpoint, so a kill
+    at any point leaves a loadable state.
+    """
+
+    def __init__(self, folder: Path, accelerator):
+        self.folder = Path(folder)
+        self.accelerator = accelerator
+        self.state_file = self.folder / "state.json"
+
+    def last(self) -> Path | None:
+        """The last complete checkpoint folder, or None."""
+        if not self.state_file.exists():
+            return None
+        return self.folder / json.loads(self.state_file.read_text())["checkpoint"]
+
+    def load(self, ema) -> tuple[int, list]:
+        """Restore the prepared objects and ``ema``; returns ``(step, log)`` (``(0, [])`` if none)."""
+        if not self.state_file.exists():
+            return 0, []
+        saved = json.loads(self.state_file.read_text())
+        path = self.folder / saved["checkpoint"]
+        self.accelerator.load_state(str(path))
+        ema.load_state_dict(torch.load(path / "ema.pt", weights_only=False))
+        return saved["step"], saved["losses"]
+
+    def save(self, step: int, log: list, ema) -> Path:
+        """Save after optimizer step ``step`` (every process calls this)."""
+        acc = self.accelerator
+        tmp = self.folder / "checkpoint.tmp"
+        if acc.is_main_process:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+        acc.wait_for_everyone()
+        acc.save_state(str(tmp))
+        acc.wait_for_everyone()
+        name = f"checkpoint-{step:08d}"
+        if acc.is_main_process:
+            torch.save(ema.state_dict(), tmp / "ema.pt")
+            shutil.rmtree(self.folder / name, ignore_errors=True)
+            os.replace(tmp, self.folder / name)
+            atomic_write_text(self.state_file, json.dumps({"step": step, "losses": log, "checkpoint": name}))
+            for old in self.folder.glob("checkpoint-*"):
+                if old.name != name:
+                    shutil.rmtree(old, ignore_errors=True)
+        acc.wait_for_everyone()
+        return self.folder / name

@@ -1,0 +1,152 @@
+r"""The M-step: denoising score matching on the E-step's posterior samples.
+
+The backbone is fine-tuned from the previous lap's EMA weights (lap 1: a fresh network)
+with a fresh Adam optimizer and a fresh EMA, for ``mstep_steps`` optimizer steps of a
+global batch of ``mstep.batch_size`` samples split over the processes.
+
+- Learning rate: :func:`learning_rate`, a linear decay from ``mstep.lr`` to ``mstep.lr_end``
+  over the lap, set on the optimizer before every step. It is a function of the optimizer
+  step alone and never goes through ``accelerate.prepare`` (which would step a prepared
+  scheduler once per process), so one optimizer step is one schedule step on any number
+  of processes.
+- Randomness: see :mod:`diffem.em.seeds` (``MSTEP``): batch indices, augmentation, noise
+  levels and noise come from a generator per (lap, step, process); dropout, the only draws
+  torch modules take from the global RNG, runs inside ``torch.random.fork_rng`` seeded per
+  (lap, step, process), so the caller's global RNG is left untouched.
+- Precision: the objective is prepared by the accelerator, so its forward pass runs
+  under the run's ``precision`` (autocast); weights, optimizer and EMA stay float32.
+- A non-finite loss or gradient norm stops the lap with :class:`NonFiniteLossError`
+  naming the step, the lap and the last good checkpoint, which is kept.
+
+References:
+    Rozet et al. 2024, arXiv:2405.13712, Algorithm 1 (M-step) and Appendix C.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+from diffusers.training_utils import EMAModel
+from tqdm.auto import tqdm
+
+from ..config import EMConfig, MStepConfig
+from ..denoiser import Denoiser, DenoisingLoss
+from ..random import derive_seed
+from .checkpoint import MStepCheckpoint
+from .seeds import MSTEP
+
+__all__ = ["NonFiniteLossError", "mstep_steps", "learning_rate", "run_mstep"]
+
+
+class NonFiniteLossError(RuntimeError):
+    """The M-step's loss (or gradient norm) became NaN or infinite; the lap stops.
+
+    Attributes: ``lap``, ``step`` (the optimizer step, 1-based, whose loss was not finite) and
+    ``checkpoint`` (the last good checkpoint folder, kept, or None).
+    """
+
+    def __init__(self, lap: int, step: int, what: str, checkpoint: Path | None, previous: Path):
+        self.lap, self.step, self.checkpoint = lap, step, checkpoint
+        where = (f"the last good checkpoint is {checkpoint} (kept; rerunning resumes from it)" if checkpoint
+                 else f"no M-step checkpoint was saved yet; the last good state is the prior of {previous}")
+        super().__init__(
+            f"non-finite M-step {what} at step {step} of lap {lap}: the lap is stopped and nothing of it is saved; "
+            f"{where}. Lower `mstep.lr`, set `mstep.grad_clip`, or check `precision`."
+        )
+
+
+def mstep_steps(cfg: MStepConfig, n: int) -> int:
+    """Optimizer steps of a lap on ``n`` samples: ``ceil(epochs * n / batch_size)`` if ``epochs > 0``, else ``steps``."""
+    return math.ceil(cfg.epochs * n / cfg.batch_size) if cfg.epochs > 0 else cfg.steps
+
+
+def learning_rate(cfg: MStepConfig, step: int, total: int) -> float:
+    r"""The learning rate of optimizer step ``step`` (0-based) of ``total``:
+    :math:`\eta_0 + (\eta_1 - \eta_0) \min(s / T, 1)` with ``lr`` and ``lr_end`` (constant if None)."""
+    end = cfg.lr if cfg.lr_end is None else cfg.lr_end
+    return cfg.lr + (end - cfg.lr) * min(step / max(total, 1), 1.0)
+
+
+def run_mstep(accelerator, config: EMConfig, task, lap: int, samples: torch.Tensor, backbone: torch.nn.Module,
+              folder: Path, previous: Path, progress: bool = False) -> tuple[torch.nn.Module, dict]:
+    """Train ``backbone`` on ``samples`` ``(n, *event_shape)``; returns the EMA weights and statistics.
+
+    Arguments:
+        accelerator: The run's ``Accelerator``.
+        config: The run's configuration (``mstep``, ``seed``).
+        task: The experiment (its ``augment``).
+        lap: The lap (>= 1).
+        samples: The E-step's kept posterior samples.
+        backbone: The network to fine-tune (float32).
+        folder: The lap's M-step checkpoint folder (resumed from if it holds one).
+        previous: The previous lap's folder (named in errors).
+
+    Returns:
+        ``(model, stats)``: the backbone holding the EMA weights, in eval mode; ``stats`` has
+        ``mstep_steps``, ``train_loss`` (mean of the last tenth of the logged losses) and
+        ``lr_log`` (``[step, learning rate]`` at each logged step).
+
+    Raises:
+        NonFiniteLossError: on a NaN / infinite loss or gradient norm (the checkpoint is kept).
+        ValueError: if ``mstep.batch_size`` is smaller than the number of processes.
+    """
+    acc, cfg = accelerator, config.mstep
+    n = len(samples)
+    per_process = cfg.batch_size // acc.num_processes
+    if per_process < 1:
+        raise ValueError(f"`mstep.batch_size` ({cfg.batch_size}) is smaller than the number of processes")
+    backbone.train()
+    objective = DenoisingLoss(Denoiser(backbone))
+    optimizer = torch.optim.Adam(backbone.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    total = mstep_steps(cfg, n)
+    ema = EMAModel(backbone.parameters(), decay=cfg.ema_decay)
+    objective, optimizer = acc.prepare(objective, optimizer)
+    ema.to(acc.device)
+    checkpoint = MStepCheckpoint(folder, acc)
+    step, log = checkpoint.load(ema)
+    samples = samples.to(acc.device)
+    rng_devices = [acc.device] if acc.device.type == "cuda" else []
+
+    bar = tqdm(total=total, initial=step, desc=f"lap {lap} M-step", disable=not progress)
+    running = []
+    while step < total:
+        g = torch.Generator().manual_seed(derive_seed(config.seed, MSTEP, lap, step, acc.process_index))
+        lr = learning_rate(cfg, step, total)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        with torch.random.fork_rng(devices=rng_devices):
+            torch.manual_seed(derive_seed(config.seed, MSTEP, lap, step, acc.process_index, 1))  # dropout only
+            idx = torch.randint(0, n, (per_process,), generator=g)
+            x = task.augment(samples[idx.to(samples.device)], g)
+            loss = objective(x, g)
+            optimizer.zero_grad(set_to_none=True)
+            acc.backward(loss)
+        norm = acc.clip_grad_norm_(objective.parameters(), cfg.grad_clip) if cfg.grad_clip > 0 else None
+        checks = [loss.detach().float().reshape(1)] + ([] if norm is None else [torch.as_tensor(norm).float().reshape(1).to(acc.device)])
+        finite = torch.isfinite(acc.gather(torch.cat(checks)))
+        if not bool(finite.all()):
+            what = "loss" if not bool(torch.isfinite(acc.gather(checks[0])).all()) else "gradient norm"
+            bar.close()
+            raise NonFiniteLossError(lap, step + 1, what, checkpoint.last(), previous)
+        optimizer.step()
+        ema.step(backbone.parameters())
+        step += 1
+        running.append(float(loss.detach()))
+        bar.update(1)
+        if step % cfg.log_every == 0 or step == total:
+            log.append([step, sum(running) / len(running), lr])
+            bar.set_postfix(loss=f"{log[-1][1]:.4f}")
+            running = []
+        if step % cfg.checkpoint_every == 0 and step < total:
+            checkpoint.save(step, log, ema)
+    bar.close()
+    model = backbone
+    ema.copy_to(model.parameters())
+    model.eval()
+    tail = [entry[1] for entry in log[-max(1, len(log) // 10):]]
+    stats = {"mstep_steps": total, "train_loss": sum(tail) / max(len(tail), 1),
+             "lr_log": [[entry[0], entry[2]] for entry in log if len(entry) > 2]}
+    acc.free_memory()
+    return model, stats

@@ -1,0 +1,270 @@
+"""The EM driver: runs the phases of each lap in order and keeps the run resumable.
+
+Lap 0 (:mod:`.lap0`) fits a Gaussian prior; each later lap runs the E-step
+(:mod:`.estep`) then the M-step (:mod:`.mstep`). Every lap is then, in this order:
+
+1. saved (:func:`.checkpoint.save_lap`), its scratch work removed;
+2. recorded in ``metrics.jsonl`` (``eval_status: "pending"`` if an evaluation is due);
+3. handed to :meth:`EMTrainer.after_lap_saved` (the point where publishing hooks in);
+4. evaluated (:mod:`.evaluation`), the record updated; a failure is recorded, never fatal.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import shutil
+import time
+from pathlib import Path
+
+import torch
+import yaml
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from accelerate.utils import InitProcessGroupKwargs, set_seed
+
+from ..config import ConfigError, EMConfig, config_to_dict
+from ..pipeline import DiffusionPriorPipeline
+from ..random import derive_seed
+from ..tasks import ObservationSet, Task, get_task
+from .checkpoint import LapRecords, check_resume_config, is_complete, lap_dir, save_lap
+from .estep import keep_samples, run_estep
+from .evaluation import evaluate_lap, is_scheduled, needs_evaluation
+from .lap0 import run_lap0
+from .mstep import mstep_steps, run_mstep
+from .seeds import INIT
+
+__all__ = ["EMTrainer", "run_em", "make_accelerator", "describe_hardware", "PRECISIONS"]
+
+logger = get_logger(__name__)
+
+#: ``precision`` config values -> accelerate's ``mixed_precision``.
+PRECISIONS = {"fp32": "no", "bf16": "bf16"}
+
+
+def describe_hardware(num_processes: int = 1) -> str:
+    """One line naming the machine a run is measured on, stored in every lap's record.
+
+    Wall times are only comparable on the same hardware: U-Net training steps were seen
+    to take 2-3x longer on one 2-core "AMD EPYC" host than on another of the same name, so
+    the CPU line also names the instruction set PyTorch dispatches to
+    (``torch.backends.cpu.get_cpu_capability``, e.g. AVX2 or AVX512).
+
+    Args:
+        num_processes: processes of the run (``accelerate launch --num_processes``).
+
+    Returns:
+        e.g. ``"1 process(es) on 4 x NVIDIA H100 80GB HBM3"`` or
+        ``"1 process(es) on CPU only: AMD EPYC, 2 cores, AVX2, 2 torch threads"``.
+    """
+    if torch.cuda.is_available():
+        machine = f"{torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}"
+    else:
+        model = platform.processor() or platform.machine()
+        try:
+            for line in Path("/proc/cpuinfo").read_text().splitlines():
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+        except OSError:
+            pass
+        machine = (f"CPU only: {model}, {os.cpu_count()} cores, {torch.backends.cpu.get_cpu_capability()}, "
+                   f"{torch.get_num_threads()} torch threads")
+    return f"{num_processes} process(es) on {machine}"
+
+
+def make_accelerator(config: EMConfig) -> Accelerator:
+    """The run's ``Accelerator``: ``precision`` as mixed precision, the process-group timeout, and
+    CPU processes that form a real process group.
+
+    Without CUDA, a launcher's ``WORLD_SIZE > 1`` (``accelerate launch --multi_gpu
+    --num_processes P`` runs torchrun) gives a multi-CPU run on gloo (``Accelerator(cpu=True)``);
+    a plain ``Accelerator()`` would treat each process as a lone main process.
+
+    Raises:
+        ConfigError: for ``precision: fp16`` (see :class:`~diffem.config.EMConfig`).
+    """
+    if config.precision not in PRECISIONS:
+        raise ConfigError(f"config key `precision` must be one of {sorted(PRECISIONS)}, got {config.precision!r}")
+    timeout = InitProcessGroupKwargs(timeout=datetime.timedelta(minutes=config.timeout_minutes))
+    cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return Accelerator(mixed_precision=PRECISIONS[config.precision], kwargs_handlers=[timeout], cpu=cpu)
+
+
+class EMTrainer:
+    """Runs (or resumes) the laps of one configured experiment; see :mod:`diffem.em`.
+
+    Arguments:
+        config: A validated :class:`EMConfig`.
+        accelerator: An ``accelerate.Accelerator`` (default: :func:`make_accelerator`).
+        progress: Show progress bars (main process only).
+    """
+
+    def __init__(self, config: EMConfig, accelerator: Accelerator | None = None, progress: bool = True):
+        self.config = config
+        self.task: Task = get_task(config)
+        self.accelerator = accelerator or make_accelerator(config)
+        self.progress = progress and self.accelerator.is_main_process
+        self.run_dir = config.run_dir
+        self.work_dir = self.run_dir / "work"
+        self.records = LapRecords(self.run_dir / "metrics.jsonl")
+
+    # -- run folder ------------------------------------------------------------------------------
+    def _prepare_run_dir(self) -> None:
+        """Create the run folder and write ``config.yaml`` (a resumed run may change ``laps`` and ``eval.*``)."""
+        acc = self.accelerator
+        if acc.is_main_process:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            path = self.run_dir / "config.yaml"
+            check_resume_config(path, self.config)
+            path.write_text(yaml.safe_dump(config_to_dict(self.config), sort_keys=False))
+        acc.wait_for_everyone()
+
+    def laps_done(self) -> list[int]:
+        """Laps whose pipeline folder is complete."""
+        return [k for k in range(self.config.laps + 1) if is_complete(lap_dir(self.run_dir, k))]
+
+    def observations(self) -> ObservationSet:
+        """The observation set, built once by the main process (the others wait, then read it)."""
+        acc = self.accelerator
+        if acc.is_main_process:
+            self.task.observations(self.run_dir)
+        acc.wait_for_everyone()
+        return self.task.observations(self.run_dir)
+
+    def load_lap(self, lap: int) -> DiffusionPriorPipeline:
+        """The saved prior of a finished lap, on the accelerator's device."""
+        folder = lap_dir(self.run_dir, lap)
+        if not is_complete(folder):
+            raise FileNotFoundError(f"lap {lap} has no saved prior at {folder}")
+        return DiffusionPriorPipeline.from_pretrained(folder).to(self.accelerator.device)
+
+    # -- the run -----------------------------------------------------------------------------------
+    def run(self) -> list[dict]:
+        """Run (or resume) every lap; returns the lap records written by this call.
+
+        On resume, saved laps whose due evaluation is missing (killed, or failed) are
+        evaluated first, with the current ``eval.*`` keys.
+        """
+        self._prepare_run_dir()
+        obs = self.observations()
+        # Decided once, after a barrier, so that every process runs the same laps (and the
+        # same sequence of barriers).
+        done = set(self.laps_done())
+        records = self.records.read()
+        self.accelerator.wait_for_everyone()
+        out = []
+        for lap in sorted(done):
+            if needs_evaluation(self.config, records.get(lap), lap):
+                out.append(self.evaluate(lap))
+        for lap in range(self.config.laps + 1):
+            if lap in done:
+                continue
+            out.append(self.lap0(obs) if lap == 0 else self.lap(lap, obs))
+        return out
+
+    def lap0(self, obs: ObservationSet) -> dict:
+        """Lap 0: fit the Gaussian prior, then save, record and evaluate it."""
+        start = time.perf_counter()
+        prior, stats = run_lap0(self.accelerator, self.config, obs, progress=self.progress)
+        record = {"lap": 0, "estep_time_s": time.perf_counter() - start, "mstep_time_s": 0.0} | stats
+        return self._finish_lap(0, prior, record)
+
+    def estep(self, lap: int, obs: ObservationSet) -> torch.Tensor:
+        """All posterior samples of lap ``lap`` (see :func:`diffem.em.estep.run_estep`)."""
+        folder = self.work_dir / f"lap_{lap:02d}" / "estep"
+        return run_estep(self.accelerator, self.config, lap, obs, folder, lambda: self.load_lap(lap - 1), self.progress)
+
+    def mstep(self, lap: int, samples: torch.Tensor) -> tuple[torch.nn.Module, dict]:
+        """Train on the posterior samples (see :func:`diffem.em.mstep.run_mstep`)."""
+        if lap == 1:
+            backbone = self.task.backbone(derive_seed(self.config.seed, INIT))
+        else:
+            backbone = self.load_lap(lap - 1).unet
+        folder = self.work_dir / f"lap_{lap:02d}" / "mstep"
+        return run_mstep(self.accelerator, self.config, self.task, lap, samples, backbone, folder,
+                         lap_dir(self.run_dir, lap - 1), progress=self.progress)
+
+    def mstep_steps(self, n: int) -> int:
+        """Optimizer steps of a lap on ``n`` samples."""
+        return mstep_steps(self.config.mstep, n)
+
+    def lap(self, lap: int, obs: ObservationSet) -> dict:
+        """E-step then M-step; then save, record and evaluate the lap."""
+        start = time.perf_counter()
+        samples = self.estep(lap, obs)
+        estep_time = time.perf_counter() - start
+        samples, discarded = keep_samples(samples, self.config.estep.discard_outside)
+        start = time.perf_counter()
+        model, stats = self.mstep(lap, samples)
+        record = {
+            "lap": lap,
+            "estep_time_s": estep_time,
+            "mstep_time_s": time.perf_counter() - start,
+            "estep_samples_per_s": len(obs) / max(estep_time, 1e-9),
+            "observations": len(obs),
+            "discarded_samples": discarded,
+        } | stats
+        return self._finish_lap(lap, model, record)
+
+    # -- after a lap -------------------------------------------------------------------------------
+    def _finish_lap(self, lap: int, model, record: dict) -> dict:
+        """Save the lap, write its record, call :meth:`after_lap_saved`, then evaluate it."""
+        acc = self.accelerator
+        if acc.is_main_process:
+            save_lap(self.run_dir, lap, model, self.config)
+            shutil.rmtree(self.work_dir / f"lap_{lap:02d}", ignore_errors=True)
+        acc.wait_for_everyone()
+        record |= {
+            "processes": acc.num_processes,
+            "precision": self.config.precision,
+            "hardware": describe_hardware(acc.num_processes),
+            "eval_status": "pending" if is_scheduled(self.config, lap) else "not scheduled",
+        }
+        self._write_record(record)
+        self.after_lap_saved(lap)
+        if is_scheduled(self.config, lap):
+            record = self._evaluated(lap, model, record)
+        return record
+
+    def after_lap_saved(self, lap: int) -> None:
+        """Called on every process once ``lap_KK/`` and its record are saved, before its evaluation.
+
+        The hook for work on a finished lap that must not wait for (or depend on) the
+        evaluation, such as publishing it; the default does nothing.
+        """
+
+    def _write_record(self, record: dict) -> None:
+        if self.accelerator.is_main_process:
+            self.records.write(record)
+        self.accelerator.wait_for_everyone()
+        logger.info(json.dumps(record), main_process_only=True)
+
+    def _evaluated(self, lap: int, model, record: dict) -> dict:
+        metrics = evaluate_lap(self.accelerator, self.config, self.task, lap, model, self.run_dir, self.progress)
+        record = {k: v for k, v in record.items() if k not in ("eval_error",)} | metrics
+        self._write_record(record)
+        return record
+
+    def evaluate(self, lap: int) -> dict:
+        """Evaluate a saved lap with the current ``eval.*`` keys and update (or create) its record."""
+        if lap not in self.laps_done():
+            raise FileNotFoundError(f"lap {lap} of `{self.run_dir}` has no saved prior (finished laps: {self.laps_done()})")
+        record = self.records.get(lap) or {"lap": lap}
+        return self._evaluated(lap, self.load_lap(lap).unet, record)
+
+    def missing_evaluations(self) -> list[int]:
+        """Saved laps due an evaluation whose record holds no successful one."""
+        records = self.records.read()
+        return [k for k in self.laps_done() if needs_evaluation(self.config, records.get(k), k)]
+
+
+def run_em(config: EMConfig, progress: bool = True) -> list[dict]:
+    """Run (or resume) an EM experiment under :func:`make_accelerator`'s ``Accelerator``."""
+    accelerator = make_accelerator(config)
+    set_seed(config.seed)
+    records = EMTrainer(config, accelerator, progress=progress).run()
+    accelerator.end_training()
+    return records

@@ -1,0 +1,130 @@
+"""The EM trainer's phases: save before evaluate, failing evaluations, `diffem evaluate`,
+resume rules, the non-finite loss guard, the saved sampler settings and the LR schedule."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from diffem.config import ConfigError, load_config
+from diffem.denoiser import DenoisingLoss
+from diffem.em import EMTrainer, NonFiniteLossError, lap_dir
+from diffem.em.estep import scheduler_of
+from diffem.em.mstep import learning_rate
+from diffem.pipeline import DiffusionPriorPipeline, estep_scheduler, load_sampling_settings
+from diffem.tasks.manifold import ManifoldTask
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST = ["lap0.iterations=4", "data.points=256", "estep.batch_size=128", "estep.steps=8", "mstep.steps=40",
+        "mstep.checkpoint_every=10", "mstep.batch_size=64", "eval.samples=64", "eval.steps=4",
+        "data.eval_points=64", "data.sinkhorn_maxiter=20"]
+
+
+def _config(out, *extra):
+    return load_config("manifold", "smoke", overrides=[f"output_dir={out}", *FAST, *extra])
+
+
+def _records(run: Path) -> dict:
+    return {json.loads(l)["lap"]: json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()}
+
+
+def test_failing_evaluation_keeps_the_lap_and_is_filled_in_later(tmp_path, monkeypatch):
+    original = ManifoldTask.evaluate
+
+    def broken(self, pipeline, lap, seed, progress=True):
+        if lap == 1:
+            raise OSError("disk full (injected)")
+        return original(self, pipeline, lap, seed, progress)
+
+    monkeypatch.setattr(ManifoldTask, "evaluate", broken)
+    records = EMTrainer(_config(tmp_path), progress=False).run()
+    assert [r["lap"] for r in records] == [0, 1, 2]  # the run went on past the failure
+    saved = _records(tmp_path)
+    assert saved[1]["eval_status"] == "failed" and "disk full (injected)" in saved[1]["eval_error"]
+    assert "sinkhorn" not in saved[1] and saved[1]["mstep_steps"] == 40
+    assert saved[0]["eval_status"] == saved[2]["eval_status"] == "ok"
+    assert (lap_dir(tmp_path, 1) / "model_index.json").exists()  # the lap was saved before its evaluation
+    monkeypatch.setattr(ManifoldTask, "evaluate", original)
+
+    # `diffem evaluate RUN --missing` fills in lap 1 only, with a changed eval key, updating its record.
+    out = subprocess.run([sys.executable, "-m", "diffem.cli", "evaluate", str(tmp_path), "--missing", "--no-progress",
+                          "--set", "eval.samples=32"], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert [json.loads(l)["lap"] for l in out.stdout.splitlines()] == [1]
+    after = _records(tmp_path)
+    assert after[1]["eval_status"] == "ok" and after[1]["sinkhorn"] > 0 and after[1]["eval_samples"] == 32
+    assert "eval_error" not in after[1] and after[1]["mstep_steps"] == 40  # training fields kept
+    assert after[2] == saved[2]
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 3  # one record per lap, updated in place
+
+
+def test_resume_may_change_eval_keys_only(tmp_path, monkeypatch):
+    def broken(self, pipeline, lap, seed, progress=True):
+        raise RuntimeError("no Inception weights (injected)")
+
+    monkeypatch.setattr(ManifoldTask, "evaluate", broken)
+    EMTrainer(_config(tmp_path, "laps=1"), progress=False).run()
+    assert {k: r["eval_status"] for k, r in _records(tmp_path).items()} == {0: "failed", 1: "failed"}
+    monkeypatch.undo()
+    with pytest.raises(ConfigError, match=r"mstep\.lr"):
+        EMTrainer(_config(tmp_path, "laps=1", "mstep.lr=0.5"), progress=False).run()
+    # A resume with changed eval keys re-runs the missing evaluations, then extends the run.
+    records = EMTrainer(_config(tmp_path, "laps=2", "eval.samples=48"), progress=False).run()
+    assert [r["lap"] for r in records] == [0, 1, 2]
+    after = _records(tmp_path)
+    assert all(r["eval_status"] == "ok" and r["eval_samples"] == 48 for r in after.values())
+    assert all(r["eval_settings"]["samples"] == 48 for r in after.values())
+
+
+def test_non_finite_loss_stops_the_lap_and_keeps_the_checkpoint(tmp_path, monkeypatch):
+    original, calls = DenoisingLoss.forward, {"n": 0}
+
+    def poisoned(self, x, generator):
+        calls["n"] += 1
+        loss = original(self, x, generator)
+        return loss * float("nan") if calls["n"] == 40 + 25 else loss  # lap 2, step 25
+
+    monkeypatch.setattr(DenoisingLoss, "forward", poisoned)
+    config = _config(tmp_path, "eval.samples=0")
+    with pytest.raises(NonFiniteLossError) as info:
+        EMTrainer(config, progress=False).run()
+    checkpoint = tmp_path / "work" / "lap_02" / "mstep" / "checkpoint-00000020"
+    message = str(info.value)
+    assert "step 25 of lap 2" in message and str(checkpoint) in message
+    assert info.value.lap == 2 and info.value.step == 25 and info.value.checkpoint == checkpoint
+    assert checkpoint.is_dir() and not (lap_dir(tmp_path, 2) / "model_index.json").exists()
+    assert (lap_dir(tmp_path, 1) / "model_index.json").exists()
+    monkeypatch.undo()
+    records = EMTrainer(config, progress=False).run()  # resumes from the kept checkpoint
+    assert [r["lap"] for r in records] == [2]
+    weights = DiffusionPriorPipeline.from_pretrained(lap_dir(tmp_path, 2)).unet.state_dict()
+    assert all(torch.isfinite(w).all() for w in weights.values())
+
+
+def test_saved_lap_carries_the_estep_sampler(tmp_path):
+    config = _config(tmp_path, "laps=1", "eval.samples=0", "estep.method=pc", "estep.corrections=2",
+                     "estep.delta=0.05", "estep.steps=6", "estep.maxiter=3")
+    EMTrainer(config, progress=False).run()
+    settings = load_sampling_settings(lap_dir(tmp_path, 1))
+    assert settings["estep"] == {"method": "pc", "num_inference_steps": 6, "corrections": 2, "delta": 0.05,
+                                 "maxiter": 3, "tol": 0.0}
+    assert settings["eval"] == {"method": "ddim", "num_inference_steps": 4}
+    scheduler = estep_scheduler(settings["estep"])
+    assert dict(scheduler.config) == dict(scheduler_of(config).config)
+    assert (scheduler.config.method, scheduler.config.corrections, scheduler.config.delta) == ("pc", 2, 0.05)
+
+
+def test_learning_rate_is_linear_in_optimizer_steps(tmp_path):
+    cfg = _config(tmp_path).mstep
+    total = 40
+    lrs = [learning_rate(cfg, s, total) for s in range(total)]
+    assert lrs[0] == cfg.lr and all(a > b for a, b in zip(lrs, lrs[1:]))
+    assert learning_rate(cfg, total, total) == pytest.approx(cfg.lr_end)
+    records = EMTrainer(_config(tmp_path, "laps=1", "eval.samples=0"), progress=False).run()
+    logged = records[1]["lr_log"]  # [step, lr used by that step] every log_every steps
+    assert [s for s, _ in logged] == [10, 20, 30, 40]
+    assert [lr for _, lr in logged] == pytest.approx([learning_rate(cfg, s - 1, total) for s, _ in logged])
