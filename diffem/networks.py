@@ -130,7 +130,9 @@ class DiT(DiTTransformer2DModel):
 
     The noise embedding input is ``c_noise`` (a float tensor ``(B,)``) through DiT's
     timestep embedding; the class label is fixed to 0 (a single class) and DiT's label
-    dropout is off. The output has the shape of ``x``, ``(B, C, H, W)``.
+    dropout (diffusers' ``LabelEmbedding``, 10 % by default, drawn from the global RNG)
+    is off in every transformer block, so that training draws nothing from the global RNG.
+    The output has the shape of ``x``, ``(B, C, H, W)``.
     """
 
     @classmethod
@@ -157,11 +159,17 @@ class DiT(DiTTransformer2DModel):
             patch_size=patch_size,
             num_embeds_ada_norm=1,
             norm_num_groups=norm_num_groups,
-        )
+        )._without_label_dropout()
+
+    def _without_label_dropout(self) -> "DiT":
+        """Turn off the label dropout of every block's class embedder (the table keeps its size)."""
+        for block in self.transformer_blocks:
+            embedder = getattr(getattr(block.norm1, "emb", None), "class_embedder", None)
+            if embedder is not None:
+                embedder.dropout_prob = 0.0
+        return self
 
     def forward(self, x: Tensor, c_noise: Tensor, **kwargs) -> Tensor:
         labels = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
-        emb = self.transformer_blocks[0].norm1.emb if self.transformer_blocks else None
-        if emb is not None and hasattr(emb, "class_embedder"):
-            emb.class_embedder.dropout_prob = 0.0
+        self._without_label_dropout()  # also for models built by from_pretrained / from_config
         return super().forward(x, timestep=c_noise.to(x.dtype), class_labels=labels, return_dict=False)[0]
