@@ -50,9 +50,17 @@ def test_smoke_profile_end_to_end(smoke_run):
         assert 0 < r["fid"] < float("inf") and r["isc"] is None
         assert r["fid_reference_set"] == "cifar10-train-jpeg"
         assert (r["fid_samples"], r["fid_reference"]) == (16, 32)
+        # KID (unbiased, subsets of all 16 samples) and the real-images row: 16 held-out test
+        # images against the same reference, computed once (lap 0) and read back at lap 2.
+        assert (r["kid_subset_size"], r["kid_subsets"]) == (16, 100) and r["kid_std"] >= 0
+        assert r["real_images"] == 16 and r["real_images_set"] == "cifar10-test-jpeg"
+        assert r["real_kid_subset_size"] == 16 and 0 < r["real_fid"] < r["fid"] and r["real_kid"] < r["kid"]
         assert r["psnr_posterior_mean"] > 0 and r["psnr_observation"] > 0
         art = torch.load(out / "eval" / f"lap_{r['lap']:02d}.pt")
         assert art["prior"].shape == (16, 3, 32, 32) and art["posterior"].shape == (4, 3, 32, 32)
+    real = json.loads((out / "eval" / "real_images.json").read_text())
+    assert real["metrics"]["real_fid"] == evaluated[0]["real_fid"] == evaluated[1]["real_fid"]
+    assert real["key"]["reference"] == "cifar10-train-jpeg-32"
     assert records[2]["mstep_steps"] == 8 and records[2]["discarded_samples"] == 0
     assert not (out / "work" / "lap_02").exists()
     assert EMTrainer(config, progress=False).run() == []  # a finished run does nothing

@@ -61,6 +61,7 @@ __all__ = [
     "kid",
     "fid_kid",
     "inception_score",
+    "isc_from_logits",
     "KID_SUBSET_SIZE",
     "KID_SUBSETS",
     "KID_SEED",
@@ -312,11 +313,24 @@ def reference_statistics(
 # ---------------------------------------------------------------------------
 
 
-def _isc(logits: Tensor, splits: int) -> tuple[float, float]:
+def isc_from_logits(logits: Tensor, splits: int = 10) -> tuple[float, float]:
+    """Inception score (mean, std over ``splits``) from classifier logits ``(N, 1008)`` (torch-fidelity, seed 2020).
+
+    Raises:
+        ValueError: If ``logits`` is not ``(N, K)`` and finite (e.g. the NaN classifier of
+            the offline weights), or ``splits`` is not in ``[1, N]``.
+    """
     from torch_fidelity.metric_isc import KEY_METRIC_ISC_MEAN, KEY_METRIC_ISC_STD, isc_features_to_metric
 
+    logits = _features_2d("logits", logits)
+    splits = _positive_int("splits", splits)
+    if splits > len(logits):
+        raise ValueError(f"`splits` ({splits}) must be <= the number of images ({len(logits)})")
     out = isc_features_to_metric(logits, splits=splits, shuffle=True, rng_seed=KID_SEED)
     return float(out[KEY_METRIC_ISC_MEAN]), float(out[KEY_METRIC_ISC_STD])
+
+
+_isc = isc_from_logits
 
 
 def fid_kid(

@@ -261,17 +261,18 @@ def _extractor(path: Path, features: tuple[str, ...], device: torch.device):
 # ---------------------------------------------------------------------------
 
 
-def as_pixels(name: str, images) -> Tensor:
+def as_pixels(name: str, images, minimum: int = 2) -> Tensor:
     """``(N, C, H, W)`` uint8 pixels on the CPU from a uint8 tensor or floats in [-2, 2].
 
     Arguments:
         name: The argument's name, for error messages.
-        images: ``(N, C, H, W)`` tensor (or NumPy array), ``C`` in {1, 3}, ``N >= 2``.
+        images: ``(N, C, H, W)`` tensor (or NumPy array), ``C`` in {1, 3}, ``N >= minimum``.
+        minimum: Fewest images accepted (2 for a covariance, 1 for features alone).
 
     Raises:
         TypeError: If ``images`` is not a tensor / array.
-        ValueError: For a bad shape, fewer than 2 images, a dtype that is neither uint8
-            nor floating, or non-finite values.
+        ValueError: For a bad shape, fewer than ``minimum`` images, a dtype that is
+            neither uint8 nor floating, or non-finite values.
     """
     if isinstance(images, np.ndarray):
         images = torch.from_numpy(images)
@@ -279,8 +280,9 @@ def as_pixels(name: str, images) -> Tensor:
         raise TypeError(f"`{name}` must be a torch.Tensor of shape (N, C, H, W), got {type(images).__name__}")
     if images.dim() != 4 or images.shape[1] not in (1, 3):
         raise ValueError(f"`{name}` must have shape (N, C, H, W) with C = 1 or 3, got {tuple(images.shape)}")
-    if images.shape[0] < 2:
-        raise ValueError(f"`{name}` needs at least 2 images for a covariance, got {images.shape[0]}")
+    if images.shape[0] < minimum:
+        why = " for a covariance" if minimum == 2 else ""
+        raise ValueError(f"`{name}` needs at least {minimum} image(s){why}, got {images.shape[0]}")
     if images.dtype == torch.uint8:
         return images.detach().cpu()
     if not images.is_floating_point():
@@ -310,7 +312,7 @@ def inception_features(
     an image do not depend on the batch it is in (eval mode, no batch statistics).
 
     Arguments:
-        images: ``(N, C, H, W)``, ``C`` in {1, 3}, ``N >= 2``: floats in [-2, 2]
+        images: ``(N, C, H, W)``, ``C`` in {1, 3}, ``N >= 1``: floats in [-2, 2]
             (clamped, then rounded to pixels) or ``uint8`` pixels 0..255.
         batch_size: Images per forward pass.
         device: Where the network runs.
@@ -324,15 +326,15 @@ def inception_features(
         ``{"2048": (N, 2048) float32}`` (plus ``"logits_unbiased"`` if asked), on the CPU.
 
     Raises:
-        TypeError / ValueError: For a non-tensor, a bad shape or dtype, fewer than 2
-            images, or non-finite values (naming ``images``); ``batch_size < 1``.
+        TypeError / ValueError: For a non-tensor, a bad shape or dtype, no image, or
+            non-finite values (naming ``images``); ``batch_size < 1``.
         FileNotFoundError: If ``weights_path`` is missing.
     """
     from tqdm.auto import tqdm
 
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"`batch_size` must be a positive integer, got {batch_size!r}")
-    pixels = as_pixels("images", images)
+    pixels = as_pixels("images", images, minimum=1)
     device = torch.device(device)
     path = resolve_inception_weights(weights_path, cache_dir)
     names = (_FEATURES, _LOGITS) if logits else (_FEATURES,)

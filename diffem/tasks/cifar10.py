@@ -18,6 +18,10 @@ Which images
     order (the paper compares against the train set). With the offline archive these are
     JPEG re-encodings: the reference set is named ``cifar10-train-jpeg`` in every metric
     line (``fid_reference_set``) and table.
+    The real-images row (the FID / KID floor at the evaluation's sample count) uses the
+    first ``eval.samples`` images of the *test* split in a fixed shuffled order (the same
+    ``ORDER_SEED`` permutation scheme; at most its 10,000 images), named e.g.
+    ``cifar10-test-jpeg``: real images that are neither observed nor in the reference set.
 
 M-step augmentation (``mstep.augment: true``)
     :func:`random_flip_shift`: each posterior sample is flipped horizontally with
@@ -144,6 +148,19 @@ class Cifar10Task(ImageTask):
         if str(source).endswith(("-jpg.tar.gz", "-jpg.tgz", "jpg.tar.gz")):
             return "cifar10-train-jpeg"
         return "cifar10-train-local"
+
+    @property
+    def real_images_key(self) -> str:
+        """Name of the held-out real image set: the test split of the FID reference's source."""
+        return self.fid_key.replace("-train", "-test")
+
+    def real_images(self, n: int) -> Tensor:
+        """The first ``n`` test images (at most 10,000) in a fixed shuffled order, ``(n, 3, 32, 32)`` in [-2, 2]."""
+        from ..data.cifar10 import images_to_tensor, load_cifar10
+
+        test = load_cifar10("test", source=self.data["source"])
+        order = np.random.default_rng(ORDER_SEED).permutation(len(test))[: min(int(n), len(test))]
+        return images_to_tensor(test.select(order.tolist()))
 
     def _train_split(self):
         if getattr(self, "_dataset", None) is None:

@@ -4,16 +4,27 @@ An :class:`ImageTask` builds its observation set once from clean images (which s
 inside the task), trains a U-Net or a transformer through :class:`~diffem.denoiser.Denoiser`,
 and evaluates a prior by
 
-- FID of ``eval.samples`` unconditional samples against ``data.fid_reference`` clean
-  images (torch-fidelity, offline Inception weights: :mod:`diffem.metrics`);
+- FID and KID of ``eval.samples`` unconditional samples against ``data.fid_reference``
+  clean images (torch-fidelity, offline Inception weights: :mod:`diffem.metrics`), with
+  the Inception network on the pipeline's device;
+- the same FID and KID of as many held-out real images (:meth:`ImageTask.real_images`,
+  when the task has them): the metrics' floor at this sample count, computed once per
+  run and kept in ``<run>/eval/real_images.json``;
 - PSNR of the posterior mean (average of ``data.posterior_samples`` MMPS samples) of the
   first ``data.posterior_observations`` observations against their clean images.
+
+Inside :func:`diffem.tasks.sharded_over` the Inception features are computed in shards,
+one per process, on each process's device, and gathered in image order, so the metrics do
+not depend on the process count.
 
 Clean images are read only here, for building observations and for evaluation.
 """
 
 from __future__ import annotations
 
+import json
+import math
+import os
 from pathlib import Path
 
 import torch
@@ -21,9 +32,34 @@ from torch import Tensor, nn
 
 from ..config import ConfigError
 from ..operators import LinearOperator
-from . import ObservationSet, Task, draw_prior_samples, load_or_build
+from . import _SHARDING, ObservationSet, Task, draw_prior_samples, load_or_build
 
-__all__ = ["ImageTask", "build_backbone"]
+__all__ = ["ImageTask", "build_backbone", "sharded_inception_features"]
+
+#: File of the real-images row inside the run folder (computed once per run).
+REAL_IMAGES_FILE = Path("eval") / "real_images.json"
+
+
+def sharded_inception_features(images: Tensor, device, logits: bool = False) -> dict[str, Tensor]:
+    """Inception features of ``images`` ``(N, C, H, W)`` (in [-2, 2] or uint8), split over the processes.
+
+    Inside :func:`diffem.tasks.sharded_over`, process ``r`` of ``P`` computes the features
+    of images ``[r m, (r + 1) m)`` (``m = ceil(N / P)``; the last shard is padded with its
+    last image, dropped afterwards) on ``device``; the gathered ``(N, 2048)`` features (and
+    ``(N, 1008)`` logits if asked) are on the CPU of every process, in image order.
+    Outside that context: one pass over all images on ``device``.
+    """
+    from ..metrics import inception_features
+
+    acc = _SHARDING.get()
+    processes, rank = (acc.num_processes, acc.process_index) if acc is not None else (1, 0)
+    n = len(images)
+    if processes == 1:
+        return inception_features(images, batch_size=100, device=device, logits=logits)
+    per = math.ceil(n / processes)
+    index = torch.arange(rank * per, (rank + 1) * per).clamp(max=n - 1)
+    shard = inception_features(images[index], batch_size=100, device=device, logits=logits)
+    return {k: acc.gather(v.to(acc.device).contiguous()).cpu()[:n] for k, v in shard.items()}
 
 
 def build_backbone(options: dict, channels: int, size: int, seed: int) -> nn.Module:
@@ -98,8 +134,67 @@ class ImageTask(Task):
     def backbone(self, seed: int) -> nn.Module:
         return build_backbone(dict(self.net), self.channels, self.size, seed)
 
+    def real_images(self, n: int) -> Tensor | None:
+        """Up to ``n`` held-out real images ``(n', C, H, W)`` in [-2, 2] (never observed, not in the
+        FID reference), for the real-images row; ``None`` if the task has none (the default)."""
+        return None
+
+    #: Name of the held-out real image set in the records (``real_images_set``).
+    real_images_key = "held-out"
+
+    def image_set_metrics(self, samples: Tensor, device) -> dict:
+        """FID and KID of ``samples`` ``(N, C, H, W)`` against the reference set, plus the real-images row.
+
+        Returns:
+            ``fid``, ``isc`` (``None`` with the offline weights), ``kid``, ``kid_std``,
+            ``kid_subset_size``, ``kid_subsets``, ``fid_samples`` (N), ``fid_reference`` (M);
+            and, if :meth:`real_images` gives at least 2 images, ``real_fid``, ``real_kid``,
+            ``real_kid_std``, ``real_kid_subset_size``, ``real_images`` (their count) and
+            ``real_images_set``.
+        """
+        from ..metrics import (fid_from_features, has_inception_logits, isc_from_logits, kid_from_features,
+                               reference_statistics, resolve_inception_weights)
+
+        reference = self.clean_images("reference")[: int(self.data["fid_reference"])]
+        ref_key = f"{self.fid_key}-{len(reference)}"
+        ref = reference_statistics(reference, cache_key=ref_key, batch_size=100, device=device)
+        logits = has_inception_logits(resolve_inception_weights())
+        features = sharded_inception_features(samples, device, logits=logits)
+        out = {"fid": fid_from_features(features["2048"], ref),
+               "isc": isc_from_logits(features["logits_unbiased"])[0] if logits else None}
+        out |= kid_from_features(features["2048"], ref["features"])
+        out |= {"fid_samples": len(samples), "fid_reference": len(reference)}
+        return out | self._real_images_row(len(samples), ref_key, ref, device)
+
+    def _real_images_row(self, n: int, ref_key: str, ref: dict, device) -> dict:
+        """FID / KID of ``n`` held-out real images: computed once, then read from the run folder."""
+        from ..metrics import fid_from_features, kid_from_features
+
+        path = Path(self.config.run_dir) / REAL_IMAGES_FILE
+        key = {"requested": n, "reference": ref_key, "reference_fingerprint": ref["fingerprint"],
+               "real_images_set": self.real_images_key}
+        if path.is_file():
+            cached = json.loads(path.read_text())
+            if cached.get("key") == key:
+                return cached["metrics"]
+        real = self.real_images(n)
+        if real is None or len(real) < 2:
+            return {}
+        features = sharded_inception_features(real, device)["2048"]
+        kid = kid_from_features(features, ref["features"])
+        metrics = {"real_fid": fid_from_features(features, ref), "real_kid": kid["kid"], "real_kid_std": kid["kid_std"],
+                   "real_kid_subset_size": kid["kid_subset_size"], "real_images": len(real),
+                   "real_images_set": self.real_images_key}
+        acc = _SHARDING.get()
+        if acc is None or acc.is_main_process:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps({"key": key, "metrics": metrics}, indent=1) + "\n")
+            os.replace(tmp, path)
+        return metrics
+
     def evaluate(self, pipeline, lap: int, generator_seed: int, progress: bool = True) -> dict:
-        from ..metrics import fid, psnr
+        from ..metrics import psnr
         from ..pipeline import denoiser_of
         from ..random import make_generators
         from ..sampling import sample_posterior
@@ -107,11 +202,8 @@ class ImageTask(Task):
         cfg, d = self.config.eval, self.data
         out: dict = {}
         samples = draw_prior_samples(pipeline, cfg.samples, cfg, generator_seed, progress)
-        if cfg.samples > 0 and int(d["fid_reference"]) > 0:
-            reference = self.clean_images("reference")[: int(d["fid_reference"])]
-            result = fid(samples, reference, cache_key=f"{self.fid_key}-{len(reference)}", batch_size=100)
-            out |= {"fid": result["fid"], "isc": result["isc"], "fid_samples": result["num_samples"],
-                    "fid_reference": result["num_reference"]}
+        if cfg.samples > 1 and int(d["fid_reference"]) > 1:
+            out |= self.image_set_metrics(samples, pipeline.device)
         k, m = int(d["posterior_samples"]), int(d["posterior_observations"])
         posterior = None
         if k > 0 and m > 0:
