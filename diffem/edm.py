@@ -173,6 +173,10 @@ def sample_edm(
         generator: A ``torch.Generator`` or a list of them (one per block of samples, see
             :func:`diffem.random.randn`) for the initial noise.
 
+    A posterior step hook (DPS, ΠGDM: a denoiser with a ``step_correction(sigma_next)``
+    method) adds its correction to the sample after each step, as in
+    :func:`diffem.sampling.sample`.
+
     Raises:
         ValueError: for a scheduler that is not an EDM scheduler, a stochastic configuration
             (``sde-dpmsolver++``), a bad step count or a missing generator.
@@ -192,7 +196,11 @@ def sample_edm(
         sigma = sigmas[i]
         scheduler.scale_model_input(x, t)  # sets the step index (its output is not used: diffem preconditions)
         x_hat = denoiser(x, sigma.to(device=x.device, dtype=x.dtype).expand(b))
+        # a posterior step hook (DPS, PiGDM) corrects the new sample, as in diffem.sampling.sample
+        correction = denoiser.step_correction(sigmas[i + 1].to(device=x.device, dtype=x.dtype)) if hasattr(denoiser, "step_correction") else None
         c_skip, c_out = _preconditioning(scheduler, sigma, x)
         model_output = (x_hat - c_skip.to(x.device) * x) / c_out.to(x.device)
         x = scheduler.step(model_output, t, x, return_dict=False)[0].to(dtype)
+        if correction is not None:
+            x = x + correction.to(dtype)
     return x

@@ -154,3 +154,29 @@ def test_names_configs_and_errors():
     assert cfg.estep.method == "edm_dpmpp"
     with pytest.raises(ConfigError, match="estep.method"):
         load_config("manifold", overrides=["estep.method=heun"])
+
+
+def test_step_hooks_are_applied_after_each_edm_step():
+    """A posterior step hook (DPS, PiGDM) gets step_correction(sigma_next) after every step, as in sample()."""
+    prior = gaussian_prior()
+
+    class Hook(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.sigmas_next = []
+
+        def forward(self, x_t, sigma):
+            return prior(x_t, sigma)
+
+        def step_correction(self, sigma_next):
+            self.sigmas_next.append(float(sigma_next))
+            return torch.full((3, D), 0.5)
+
+    for method in EDM_METHODS:
+        hook, scheduler = Hook(), edm_scheduler(method)
+        x = sample_edm(hook, (3, D), scheduler, 5, torch.Generator().manual_seed(0))
+        plain = sample_edm(prior, (3, D), edm_scheduler(method), 5, torch.Generator().manual_seed(0))
+        assert hook.sigmas_next == pytest.approx(scheduler.sigmas[1:].tolist())
+        # the last step lands on x-hat(sigma_min) + the last correction
+        assert not torch.allclose(x, plain)
+        assert torch.allclose(x - 0.5, prior(x - 0.5, 1e-3), atol=1e-2)
