@@ -219,8 +219,12 @@ class GaussianPrior(ModelMixin, ConfigMixin):
         A = operator_matrix(operator, self.event_shape, dtype=dtype).to(self.mean.device)
         if A.dim() == 2:
             A = A[None]
+        out = operator.output_shape(self.event_shape)
         batch = tuple(operator.batch_shape)
-        expected = batch + operator.output_shape(self.event_shape)
+        if batch == () and y.dim() == len(out) + 1:  # one operator shared by a batch of y
+            batch = (y.shape[0],)
+            A = A.expand(y.shape[0], -1, -1)
+        expected = batch + out
         if tuple(y.shape) != expected:
             raise ValueError(f"`y` has shape {tuple(y.shape)}, expected {expected} to match A(x)")
         yf = y.reshape(A.shape[0], -1).to(dtype)
@@ -233,12 +237,13 @@ class GaussianPrior(ModelMixin, ConfigMixin):
 
         Arguments:
             y: Observations, ``(B, *out_shape)`` (batch shape of ``operator``), finite.
-            operator: The linear operator, batch shape ``(B,)`` or ``()``.
+            operator: The linear operator, batch shape ``(B,)`` or ``()`` (one operator,
+                shared by every observation of a batch ``y``).
             noise_std: :math:`\sigma_y > 0`.
 
         Returns:
             ``(mean, covariance)`` of shapes ``(B, d)`` and ``(B, d, d)`` (flattened events;
-            without the leading ``B`` when the operator has batch shape ``()``).
+            without the leading ``B`` when ``y`` is a single unbatched observation).
             Dense: for small ``d`` only.
         """
         A, yf, C, K = self._observation_terms(y, operator, noise_std)
@@ -246,7 +251,7 @@ class GaussianPrior(ModelMixin, ConfigMixin):
         mean = self.mean + (gain @ (yf - (A @ self.mean))[..., None])[..., 0]
         cov = C - gain @ A @ C
         cov = (cov + cov.mT) / 2
-        if operator.batch_shape == ():
+        if y.dim() == len(operator.output_shape(self.event_shape)):  # an unbatched y
             return mean[0], cov[0]
         return mean, cov
 
@@ -258,7 +263,7 @@ class GaussianPrior(ModelMixin, ConfigMixin):
         z = torch.linalg.solve_triangular(L, r[..., None], upper=False)[..., 0]
         logdet = 2 * L.diagonal(dim1=-2, dim2=-1).log().sum(-1)
         out = -0.5 * (z.square().sum(-1) + logdet + A.shape[1] * math.log(2 * math.pi))
-        return out[0] if operator.batch_shape == () else out
+        return out[0] if y.dim() == len(operator.output_shape(self.event_shape)) else out
 
 
 def __getattr__(name):

@@ -326,3 +326,23 @@ def test_em_argument_validation():
         fit_gaussian_em(y, A, 0.1, 1, 1, (7,), estep="sample", progress=False)
     with pytest.raises(ValueError, match="`operator`"):
         fit_gaussian_em(y, A[:2], 0.1, 1, 1, (7,), progress=False)
+
+
+def test_exact_posterior_with_one_operator_shared_by_a_batch():
+    """A () operator applied to a batch of y equals the same operator repeated per observation."""
+    from diffem.operators import Projection
+
+    g = torch.Generator().manual_seed(3)
+    prior = GaussianPrior.from_moments(torch.randn(4, generator=g, dtype=torch.float64),
+                                       torch.eye(4, dtype=torch.float64) * 2, rank=4)
+    matrix = torch.randn(2, 4, generator=g, dtype=torch.float64)
+    y = torch.randn(3, 2, generator=g, dtype=torch.float64)
+    shared = prior.posterior(y, Projection(matrix), 0.1)
+    repeated = prior.posterior(y, Projection(matrix.expand(3, 2, 4).clone()), 0.1)
+    assert shared[0].shape == (3, 4)
+    torch.testing.assert_close(shared[0], repeated[0])
+    torch.testing.assert_close(shared[1], repeated[1])
+    torch.testing.assert_close(prior.log_evidence(y, Projection(matrix), 0.1),
+                               prior.log_evidence(y, Projection(matrix.expand(3, 2, 4).clone()), 0.1))
+    single_mean, single_cov = prior.posterior(y[0], Projection(matrix), 0.1)
+    torch.testing.assert_close(single_mean, shared[0][0])
