@@ -58,6 +58,17 @@ class EStepConfig:
     batch_size: int = 256  #: observations per sampler call and per saved chunk (a multiple of block)
     block: int = 1  #: observations sharing one generator; samples depend on this, not on batch size
     discard_outside: float | None = None  #: drop samples with any |x_i| >= this before the M-step (authors: 3, manifold)
+    guidance: str = "mmps"  #: posterior method: "mmps", "dps", "pigdm", "tmpd" or "diffpir" (diffem.posterior)
+    covariance: str = "tweedie"  #: MMPS covariance: "tweedie", "prior" ((I + Sigma_t^-1)^-1) or "sigma_t"
+    dps_zeta: float = 1.0  #: DPS step size zeta >= 0 ("dps")
+    pigdm_weight: float = 1.0  #: PiGDM guidance weight > 0 ("pigdm")
+    diffpir_lambda: float = 7.0  #: DiffPIR regularisation lambda > 0 ("diffpir")
+
+    def guidance_kwargs(self) -> dict:
+        """The keyword arguments of :func:`diffem.sampling.sample_posterior` for the posterior method."""
+        options = {"dps": {"zeta": self.dps_zeta}, "pigdm": {"weight": self.pigdm_weight},
+                   "diffpir": {"lmbda": self.diffpir_lambda}}.get(self.guidance, {})
+        return dict(guidance=self.guidance, covariance=self.covariance, guidance_options=options)
 
 
 @dataclass
@@ -128,6 +139,15 @@ class EMConfig:
              "must be ddpm, ddim, pc, edm_euler or edm_dpmpp"),
             ("estep.steps", self.estep.steps >= 1, "must be >= 1"),
             ("estep.maxiter", self.estep.maxiter >= 1, "must be >= 1"),
+            ("estep.guidance", self.estep.guidance in ("mmps", "dps", "pigdm", "tmpd", "diffpir"),
+             "must be mmps, dps, pigdm, tmpd or diffpir"),
+            ("estep.covariance", self.estep.covariance in ("tweedie", "prior", "sigma_t"),
+             "must be tweedie, prior or sigma_t"),
+            ("estep.covariance", self.estep.covariance == "tweedie" or self.estep.guidance == "mmps",
+             "applies to estep.guidance=mmps only (keep tweedie for other methods)"),
+            ("estep.dps_zeta", self.estep.dps_zeta >= 0, "must be >= 0"),
+            ("estep.pigdm_weight", self.estep.pigdm_weight > 0, "must be > 0"),
+            ("estep.diffpir_lambda", self.estep.diffpir_lambda > 0, "must be > 0"),
             ("estep.block", self.estep.block >= 1, "must be >= 1"),
             ("estep.batch_size", self.estep.batch_size >= 1 and self.estep.batch_size % self.estep.block == 0,
              "must be a positive multiple of estep.block"),

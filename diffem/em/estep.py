@@ -54,7 +54,7 @@ def sample_chunk(denoiser, obs: ObservationSet, generators: list, padded: int, c
     x = sample_posterior(
         denoiser, obs.y.to(device), obs.operator.to(device), obs.noise_std, obs.event_shape,
         steps=cfg.steps, maxiter=cfg.maxiter, generator=generators, batch_size=padded, tol=cfg.tol,
-        device=device, method=cfg.method, scheduler=scheduler_of(config),
+        device=device, method=cfg.method, scheduler=scheduler_of(config), **cfg.guidance_kwargs(),
     )
     return x[:m]
 
