@@ -128,3 +128,27 @@ def test_learning_rate_is_linear_in_optimizer_steps(tmp_path):
     logged = records[1]["lr_log"]  # [step, lr used by that step] every log_every steps
     assert [s for s, _ in logged] == [10, 20, 30, 40]
     assert [lr for _, lr in logged] == pytest.approx([learning_rate(cfg, s - 1, total) for s, _ in logged])
+
+
+def test_bf16_on_cpu_through_the_cli_and_fp16_refused(tmp_path):
+    from safetensors.torch import load_file
+
+    settings = ["laps=1", "eval.samples=0", *FAST]
+    runs = {}
+    for precision in ("fp32", "bf16"):
+        out = tmp_path / precision
+        result = subprocess.run([sys.executable, "-m", "diffem.cli", "train", "manifold", "--profile", "smoke",
+                                 "--output-dir", str(out), "--no-progress", "--set", *settings, f"precision={precision}"],
+                                capture_output=True, text=True, cwd=ROOT, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert f"precision {precision}" in result.stderr
+        assert f"precision: {precision}" in (out / "config.yaml").read_text()
+        assert {r["precision"] for r in _records(out).values()} == {precision}
+        (path,) = (lap_dir(out, 1) / "unet").glob("*.safetensors")
+        runs[precision] = load_file(path)
+    for k, w in runs["bf16"].items():
+        assert w.dtype == torch.float32 and torch.isfinite(w).all()  # weights stay float32
+    # The M-step ran under bf16 autocast: the same seeds give other weights.
+    assert any(not torch.equal(runs["fp32"][k], runs["bf16"][k]) for k in runs["fp32"])
+    with pytest.raises(ConfigError, match=r"`precision`.*fp16 is refused.*use bf16"):
+        load_config("manifold", "smoke", overrides=["precision=fp16"])

@@ -16,6 +16,7 @@ import json
 import os
 import platform
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -36,7 +37,7 @@ from .lap0 import run_lap0
 from .mstep import mstep_steps, run_mstep
 from .seeds import INIT
 
-__all__ = ["EMTrainer", "run_em", "make_accelerator", "describe_hardware", "PRECISIONS"]
+__all__ = ["EMTrainer", "run_em", "make_accelerator", "accelerator_kwargs", "describe_hardware", "PRECISIONS"]
 
 logger = get_logger(__name__)
 
@@ -75,22 +76,37 @@ def describe_hardware(num_processes: int = 1) -> str:
     return f"{num_processes} process(es) on {machine}"
 
 
+def accelerator_kwargs(config: EMConfig) -> dict:
+    """The keyword arguments of the run's ``Accelerator`` (see :func:`make_accelerator`).
+
+    ``mixed_precision`` from ``precision`` (fp32 -> "no", bf16 -> "bf16"), ``kwargs_handlers``
+    with the process-group timeout of ``timeout_minutes`` (``InitProcessGroupKwargs``), and
+    ``cpu=True`` without CUDA when a launcher set ``WORLD_SIZE > 1``.
+
+    Raises:
+        ConfigError: for a ``precision`` other than fp32 and bf16 (fp16 is refused, see
+            :meth:`EMConfig.validate <diffem.config.EMConfig.validate>`).
+    """
+    if config.precision not in PRECISIONS:
+        raise ConfigError(f"config key `precision` must be one of {sorted(PRECISIONS)}, got {config.precision!r}")
+    timeout = InitProcessGroupKwargs(timeout=datetime.timedelta(minutes=config.timeout_minutes))
+    cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return dict(mixed_precision=PRECISIONS[config.precision], kwargs_handlers=[timeout], cpu=cpu)
+
+
 def make_accelerator(config: EMConfig) -> Accelerator:
     """The run's ``Accelerator``: ``precision`` as mixed precision, the process-group timeout, and
     CPU processes that form a real process group.
 
     Without CUDA, a launcher's ``WORLD_SIZE > 1`` (``accelerate launch --multi_gpu
     --num_processes P`` runs torchrun) gives a multi-CPU run on gloo (``Accelerator(cpu=True)``);
-    a plain ``Accelerator()`` would treat each process as a lone main process.
+    a plain ``Accelerator()`` would treat each process as a lone main process, and every
+    process would build the observations and run every lap on its own.
 
     Raises:
-        ConfigError: for ``precision: fp16`` (see :class:`~diffem.config.EMConfig`).
+        ConfigError: for an unsupported ``precision``.
     """
-    if config.precision not in PRECISIONS:
-        raise ConfigError(f"config key `precision` must be one of {sorted(PRECISIONS)}, got {config.precision!r}")
-    timeout = InitProcessGroupKwargs(timeout=datetime.timedelta(minutes=config.timeout_minutes))
-    cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
-    return Accelerator(mixed_precision=PRECISIONS[config.precision], kwargs_handlers=[timeout], cpu=cpu)
+    return Accelerator(**accelerator_kwargs(config))
 
 
 class EMTrainer:
@@ -148,6 +164,9 @@ class EMTrainer:
         On resume, saved laps whose due evaluation is missing (killed, or failed) are
         evaluated first, with the current ``eval.*`` keys.
         """
+        acc = self.accelerator
+        print(f"diffem: process {acc.process_index} of num_processes {acc.num_processes} "
+              f"({acc.distributed_type.value}, {acc.device}, precision {self.config.precision})", file=sys.stderr, flush=True)
         self._prepare_run_dir()
         obs = self.observations()
         # Decided once, after a barrier, so that every process runs the same laps (and the
@@ -206,6 +225,9 @@ class EMTrainer:
             "estep_samples_per_s": len(obs) / max(estep_time, 1e-9),
             "observations": len(obs),
             "discarded_samples": discarded,
+            # A fingerprint of the E-step (e.g. to compare runs on different process counts).
+            "estep_sample_moments": [float(v) for v in (samples.double().mean(), samples.double().std(),
+                                                        samples.min(), samples.max())] if len(samples) else None,
         } | stats
         return self._finish_lap(lap, model, record)
 

@@ -153,4 +153,7 @@ def get_task(config: EMConfig) -> Task:
     if config.experiment not in TASKS:
         raise ConfigError(f"config key `experiment`: unknown experiment {config.experiment!r} (known: {sorted(TASKS)})")
     module, name = TASKS[config.experiment].split(":")
-    return getattr(importlib.import_module(module), name)(config)
+    task = getattr(importlib.import_module(module), name)(config)
+    if config.mstep.augment and type(task).augment is Task.augment:
+        raise ConfigError(f"config key `mstep.augment`: the {config.experiment} experiment has no augmentation")
+    return task
