@@ -152,6 +152,13 @@ def test_names_configs_and_errors():
                          generator=torch.Generator())
     cfg = load_config("manifold", overrides=["estep.method=edm_dpmpp"])
     assert cfg.estep.method == "edm_dpmpp"
+    # the E-step builds its scheduler from the config through the pipeline's settings
+    from diffem.em.estep import scheduler_of
+    from diffem.pipeline import estep_scheduler
+
+    assert isinstance(scheduler_of(cfg), EDMDPMSolverMultistepScheduler)
+    assert isinstance(estep_scheduler({"method": "edm_euler"}), EDMEulerScheduler)
+    assert isinstance(estep_scheduler({"method": "pc", "corrections": 2}), VEScheduler)
     with pytest.raises(ConfigError, match="estep.method"):
         load_config("manifold", overrides=["estep.method=heun"])
 
