@@ -5,6 +5,7 @@ Expectation Maximization", NeurIPS 2024 (arXiv:2405.13712), on PyTorch and diffu
 """
 
 from .denoiser import Denoiser
+from .edm import edm_scheduler, make_scheduler
 from .gaussian import GaussianPrior, fit_gaussian_em
 from .linalg import conjugate_gradient
 from .networks import DiT, MLP, build_unet, unet_config
@@ -13,6 +14,7 @@ from .pipeline import DiffusionPriorPipeline, DiffusionPriorPipelineOutput
 from .posterior import MMPSDenoiser
 from .sampling import sample, sample_posterior
 from .scheduler import VEScheduler
+from .vp import VPDenoiser
 
 __version__ = "0.1.0"
 
@@ -30,6 +32,9 @@ __all__ = [
     "Projection",
     "SubsampledFourier",
     "VEScheduler",
+    "VPDenoiser",
+    "edm_scheduler",
+    "make_scheduler",
     "build_unet",
     "conjugate_gradient",
     "fit_gaussian_em",
