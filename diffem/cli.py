@@ -3,6 +3,7 @@
     diffem train <experiment> [--profile P] [--config FILE] [--output-dir DIR] [--set key=value ...] [--dry-run]
     diffem evaluate <run_dir> [--lap K | --missing] [--samples N] [--set eval.key=value ...]
     diffem setup-inception
+    diffem publish <run_dir> --repo-id NAME [--lap K | --all-laps] [--private] [--token T] [--output-dir DIR] [--dry-run]
 
 ``train`` runs (or resumes) EM; launch it with ``accelerate launch -m diffem.cli train ...``
 for several processes or GPUs. ``--dry-run`` prints the resolved configuration and exits.
@@ -90,6 +91,18 @@ def _evaluate(args) -> int:
     return 1 if failed else 0
 
 
+def _publish(args) -> int:
+    from .hub import PublishError, publish
+
+    try:
+        publish(args.run_dir, args.repo_id, lap=args.lap, all_laps=args.all_laps, private=args.private,
+                token=args.token, output_dir=args.output_dir, dry_run=args.dry_run)
+    except (PublishError, RuntimeError) as e:  # messages never hold the token (diffem.hub.redact)
+        print(f"diffem: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def _setup_inception(args) -> int:
     from .metrics import setup_inception
 
@@ -120,6 +133,18 @@ def main(argv: list[str] | None = None) -> int:
     evaluate.add_argument("--set", nargs="*", action="extend", default=[], metavar="eval.KEY=VALUE")
     evaluate.add_argument("--no-progress", action="store_true")
     evaluate.set_defaults(func=_evaluate)
+
+    pub = sub.add_parser("publish", help="publish laps of a run to the Hugging Face Hub (one revision lap-KK per lap)")
+    pub.add_argument("run_dir")
+    pub.add_argument("--repo-id", required=True, help="namespace/name on the Hub")
+    laps = pub.add_mutually_exclusive_group()
+    laps.add_argument("--lap", type=int, default=None, help="the lap to publish (default: the last saved)")
+    laps.add_argument("--all-laps", action="store_true", help="every saved lap, each to its branch lap-KK; main = last")
+    pub.add_argument("--private", action="store_true", help="create the repo private")
+    pub.add_argument("--token", default=None, help="Hub token (default: $HF_TOKEN or `hf auth login`)")
+    pub.add_argument("--output-dir", default=None, help="write the repo folder(s) here and upload nothing")
+    pub.add_argument("--dry-run", action="store_true", help="print what would be uploaded and upload nothing")
+    pub.set_defaults(func=_publish)
 
     setup = sub.add_parser("setup-inception", help="convert the offline FID Inception weights")
     setup.set_defaults(func=_setup_inception)

@@ -22,6 +22,7 @@ __all__ = [
     "EStepConfig",
     "MStepConfig",
     "EvalConfig",
+    "HubConfig",
     "ConfigError",
     "load_config",
     "experiments_dir",
@@ -101,6 +102,19 @@ class EvalConfig:
 
 
 @dataclass
+class HubConfig:
+    """Push each finished lap to the Hugging Face Hub while training (:func:`diffem.hub.push_after_lap`).
+
+    Lap ``k`` goes to the branch ``lap-KK`` of ``repo_id``, ``main`` follows the newest lap. The
+    token comes from ``$HF_TOKEN`` or ``hf auth login``, never from the config.
+    """
+
+    repo_id: str = ""  #: ``namespace/name``; empty: no pushing
+    private: bool = False  #: create the repo private
+    license: str = "mit"  #: the model card's license
+
+
+@dataclass
 class EMConfig:
     """A whole EM run.
 
@@ -121,6 +135,7 @@ class EMConfig:
     estep: EStepConfig = field(default_factory=EStepConfig)
     mstep: MStepConfig = field(default_factory=MStepConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    hub: HubConfig = field(default_factory=HubConfig)
 
     def validate(self) -> "EMConfig":
         """Check ranges; raise :class:`ConfigError` naming the key."""
@@ -164,6 +179,13 @@ class EMConfig:
         for key, ok, why in checks:
             if not ok:
                 raise ConfigError(f"config key `{key}` {why}")
+        if self.hub.repo_id:
+            from .hub import PublishError, check_repo_id
+
+            try:
+                check_repo_id(self.hub.repo_id)
+            except PublishError as e:
+                raise ConfigError(f"config key `hub.repo_id`: {e}") from None
         return self
 
     @property

@@ -255,8 +255,15 @@ class EMTrainer:
         """Called on every process once ``lap_KK/`` and its record are saved, before its evaluation.
 
         The hook for work on a finished lap that must not wait for (or depend on) the
-        evaluation, such as publishing it; the default does nothing.
+        evaluation, such as publishing it. With ``hub.repo_id`` set, the main process pushes
+        the finished laps not yet uploaded (:func:`diffem.hub.push_after_lap`: a failure is
+        logged, never raised, and retried at the next lap; a record updated by a later
+        evaluation is pushed again then).
         """
+        if self.accelerator.is_main_process and self.config.hub.repo_id:
+            from ..hub import push_after_lap
+
+            push_after_lap(self.config)
 
     def _write_record(self, record: dict) -> None:
         if self.accelerator.is_main_process:
