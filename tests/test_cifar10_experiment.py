@@ -105,6 +105,8 @@ def test_report_on_the_smoke_run(smoke_run, tmp_path):
     assert "| 25 % | not run |" in text and "| 75 % | not run |" in text
     assert "unavailable" in text and "cifar10-train-jpeg" in text and "JPEG" in text
     assert "6.76" in text and "13.18" in text  # the paper's numbers beside ours
+    assert "| 50 % | done | this run (" in text and "real images: 16 test images (`cifar10-test-jpeg`) vs 32" in text
+    assert "KID: unbiased" in text and "100 subsets of 16" in text
     assert post.stat().st_size > 0 and samples.stat().st_size > 0
     assert not results.exists()  # smoke runs are not copied to the results folder
 

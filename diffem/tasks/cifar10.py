@@ -206,8 +206,18 @@ class Cifar10Task(ImageTask):
         return random_flip_shift(x, generator)
 
     def evaluate(self, pipeline, lap: int, generator_seed: int, progress: bool = True) -> dict:
+        """The image task's metrics (FID, KID, real-images row, posterior PSNR), the reference set's
+        name and the level; the per-lap artifacts also hold, for the report's figure, the clean
+        images and the observations (deleted pixels at -2, black) whose posterior samples they show."""
         out = super().evaluate(pipeline, lap, generator_seed, progress)
         if "fid" in out:
             out["fid_reference_set"] = self.fid_key
         out["drop_prob"] = float(self.data["drop_prob"])
+        posterior = self.artifacts.get("posterior")
+        if posterior is not None:
+            n = len(posterior)
+            obs = self.observations(self.config.run_dir)[:n]
+            mask = obs.operator.mask.expand_as(obs.y)
+            self.artifacts["observed"] = torch.where(mask, obs.y, torch.full_like(obs.y, -2.0))
+            self.artifacts["clean"] = self.clean_images("train")[:n]
         return out
