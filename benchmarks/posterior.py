@@ -241,8 +241,11 @@ def hardware() -> dict:
 # ----------------------------------------------------------------------------------------
 # Data
 # ----------------------------------------------------------------------------------------
-def load_images(args) -> tuple[Tensor, Tensor]:
-    """``(fit images, held-out images)`` in [-2, 2]: CIFAR-10 train / test, or ``--images-file``."""
+def load_images(args, fit: bool = True) -> tuple[Tensor | None, Tensor]:
+    """``(fit images, held-out images)`` in [-2, 2]: CIFAR-10 train / test, or ``--images-file``.
+
+    Random subsets (seeded by ``--seed``): the archive's rows are sorted by class.
+    """
     rng = np.random.default_rng(args.seed)
     if args.images_file:
         data = torch.load(args.images_file)
@@ -250,11 +253,16 @@ def load_images(args) -> tuple[Tensor, Tensor]:
         return fit[: args.fit_images], test[: args.observations]
     from diffem.data.cifar10 import images_to_tensor, load_cifar10
 
-    train = load_cifar10("train")
+    fit_images = None
+    if fit:
+        train = load_cifar10("train")
+        fit_idx = np.sort(rng.choice(len(train), size=min(args.fit_images, len(train)), replace=False))
+        fit_images = images_to_tensor(train.select(fit_idx.tolist()))
+    else:
+        rng.choice(50000, size=args.fit_images, replace=False)  # same test images as the exact part
     test = load_cifar10("test")
-    fit_idx = np.sort(rng.choice(len(train), size=min(args.fit_images, len(train)), replace=False))
     test_idx = np.sort(rng.choice(len(test), size=min(args.observations, len(test)), replace=False))
-    return images_to_tensor(train.select(fit_idx.tolist())), images_to_tensor(test.select(test_idx.tolist()))
+    return fit_images, images_to_tensor(test.select(test_idx.tolist()))
 
 
 # ----------------------------------------------------------------------------------------
@@ -603,7 +611,8 @@ def parse_args(argv=None):
     p.add_argument("--long-methods", nargs="+", default=None, choices=list(METHODS),
                    help="run step counts > 4x the smallest only for these methods (default: all)")
     p.add_argument("--observations", type=int, default=4)
-    p.add_argument("--samples", type=int, default=256, help="posterior samples per observation")
+    p.add_argument("--samples", type=int, default=None,
+                   help="posterior samples per observation (default: 256 exact, 1 learned)")
     p.add_argument("--fit-images", type=int, default=4096)
     p.add_argument("--rank", type=int, default=64)
     p.add_argument("--noise-std", type=float, default=1e-2)
@@ -617,11 +626,13 @@ def parse_args(argv=None):
     p.add_argument("--figure", type=Path, default=DEFAULT_FIGURE)
     p.add_argument("--report-only", action="store_true", help="rebuild the table and figure from the results JSON")
     args = p.parse_args(argv)
+    if args.samples is None:
+        args.samples = 1 if args.prior else 256
     for name in ("observations", "samples", "fit_images", "rank", "batch_size", "threads"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
-    if args.samples < 2:
-        p.error("--samples must be >= 2 (a covariance is estimated)")
+    if args.samples < 2 and not args.prior:
+        p.error("--samples must be >= 2 for the exact part (a covariance is estimated)")
     if any(s < 1 for s in args.steps):
         p.error("--steps must be >= 1")
     if not args.noise_std > 0:
@@ -651,7 +662,7 @@ def main(argv=None) -> int:
             denoiser = denoiser_of(pipe.unet).eval()
             for p_ in denoiser.parameters():
                 p_.requires_grad_(False)
-            _, test = load_images(args)
+            _, test = load_images(args, fit=False)
             results = learned_benchmark(denoiser, test.to(torch.float32), args)
             learned_path.write_text(json.dumps(results, indent=1))
     exact = json.loads(exact_path.read_text()) if exact_path.exists() else None
