@@ -89,6 +89,8 @@ METRICS: dict[str, tuple[str, str]] = {
     "psnr_posterior_mean": ("psnr", "PSNR of the posterior mean (dB)"),
     "psnr_posterior_sample": ("psnr", "PSNR of one posterior sample (dB)"),
     "ssim_posterior_mean": ("ssim", "SSIM of the posterior mean"),
+    "psnr_zero_filled": ("psnr", "PSNR of the zero-filled image (dB)"),
+    "ssim_zero_filled": ("ssim", "SSIM of the zero-filled image"),
     "sinkhorn": ("sinkhorn_divergence", "Sinkhorn divergence"),
 }
 _REPO_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
@@ -332,6 +334,28 @@ def _experiment_facts(config: dict, record: dict) -> dict:
                        f"y = A(x)  # x: (4, {d}) points (plus noise of std sigma_y)"),
             sigma=sigma,
         )
+    if exp == "mri":
+        size, R = data.get("size"), data.get("acceleration")
+        source = ("the offline brain volumes" if data.get("kind") == "brain"
+                  else "fastMRI single-coil knee `reconstruction_rss` slices")
+        return dict(
+            datasets=[], pipeline_tag="unconditional-image-generation", task_type="unconditional-image-generation",
+            dataset_type="fastmri" if data.get("kind") == "fastmri" else "mri-brain-volumes",
+            dataset_name=f"MRI slices ({data.get('kind')}, {size}x{size})", dataset_split="eval", kind="image",
+            event=f"(1, {size}, {size}) magnitude images in [-2, 2]",
+            corruption=(f"{n} MRI slices of {source}, {size}x{size} pixels, each observed as "
+                        f"y = M (FFT2c(x) + sigma_y e): a random column mask M of acceleration R = {_fmt(R)} "
+                        f"over the centred 2-D FFT, noise std sigma_y = {_fmt(sigma)}"
+                        + (f", every observation repeated {data.get('duplicate')} times"
+                           if (data.get("duplicate") or 1) > 1 else "")),
+            operator="`diffem.SubsampledFourier` (real and imaginary parts as two channels)",
+            posterior=("from diffem import SubsampledFourier\n"
+                       "from diffem.operators import column_mask\n"
+                       f"mask = ...  # (4, {size}) bool: observed k-space columns, e.g. from column_mask\n"
+                       "A = SubsampledFourier(mask)\n"
+                       f"y = A(x)  # x: (4, 1, {size}, {size}) images in [-2, 2] (plus noise of std sigma_y)"),
+            sigma=sigma,
+        )
     return dict(
         datasets=[], pipeline_tag="other", task_type="unconditional-generation", dataset_type=str(exp),
         dataset_name=str(exp), dataset_split=None, kind="other", event="see config.yaml",
@@ -346,11 +370,21 @@ def _metric_config(key: str, config: dict, record: dict) -> str | None:
     est = config.get("estep") or {}
     data = _data_options(config)
     sampler = f"{str(ev.get('method', '')).upper()} {ev.get('steps', '?')} steps"
-    if key in ("fid", "kid", "isc"):
+    if key == "kid":
+        return (f"{record.get('fid_samples', ev.get('samples'))} prior samples ({sampler}) vs "
+                f"{record.get('fid_reference', data.get('fid_reference'))} clean reference images, "
+                f"{record.get('kid_subsets')} subsets of {record.get('kid_subset_size')}, std {_fmt(record.get('kid_std'))}")
+    if key in ("fid", "isc"):
         ref = record.get("fid_reference_set")
         return (f"{record.get('fid_samples', ev.get('samples'))} prior samples ({sampler}) vs "
                 f"{record.get('fid_reference', data.get('fid_reference'))} clean reference images"
                 + (f" ({ref})" if ref else ""))
+    if config.get("experiment") == "mri" and key.startswith(("psnr", "ssim")):
+        what = ("the zero-filled image A^+ y" if key.endswith("zero_filled") else
+                f"{record.get('posterior_samples')} MMPS posterior samples ({data.get('posterior_method')} "
+                f"{data.get('posterior_steps')} steps, CG {data.get('posterior_maxiter')})")
+        return (f"{record.get('eval_slices')} held-out slices at acceleration R = {_fmt(data.get('acceleration'))}, "
+                f"{what}; magnitude images, data range 1")
     if key.startswith(("psnr", "ssim")):
         return (f"{record.get('posterior_observations')} observations x {record.get('posterior_samples')} MMPS "
                 f"posterior samples ({str(est.get('method', '')).upper()} {est.get('steps')} steps, "
@@ -756,8 +790,8 @@ def load_prior(path_or_repo_id, revision: str | None = None, token: str | None =
 
     The repo's re-export files are not executed: each component named in ``model_index.json``
     is mapped to its diffusers or diffem class (``diffem_networks`` -> ``diffem.networks``) and
-    loaded with that class's ``from_pretrained``. Also loads plain lap folders
-    (``run_dir/lap_KK``).
+    loaded with that class's ``from_pretrained`` (weights from safetensors only, never unpickled).
+    Also loads plain lap folders (``run_dir/lap_KK``).
 
     Arguments:
         path_or_repo_id: A folder with ``model_index.json``, or ``namespace/name`` on the Hub.
@@ -771,6 +805,8 @@ def load_prior(path_or_repo_id, revision: str | None = None, token: str | None =
     Raises:
         ValueError: for a component class outside diffusers and diffem.
     """
+    from diffusers import ModelMixin
+
     from .pipeline import DiffusionPriorPipeline
 
     folder = Path(path_or_repo_id)
@@ -779,13 +815,15 @@ def load_prior(path_or_repo_id, revision: str | None = None, token: str | None =
 
         folder = Path(snapshot_download(
             str(path_or_repo_id), revision=revision, token=token, cache_dir=cache_dir,
-            local_files_only=bool(local_files_only), ignore_patterns=["*.py"],
+            local_files_only=bool(local_files_only), ignore_patterns=["*.py", "*.bin", "*.pt", "*.pkl"],
         ))
     index = json.loads((folder / "model_index.json").read_text())
     components = {}
     for name in ("unet", "scheduler"):
         module, cls = index[name]
-        components[name] = _component_class(module, cls).from_pretrained(folder, subfolder=name)
+        klass = _component_class(module, cls)
+        safe = {"use_safetensors": True} if issubclass(klass, ModelMixin) else {}  # never unpickle weights
+        components[name] = klass.from_pretrained(folder, subfolder=name, **safe)
     pipe = DiffusionPriorPipeline(**components)
     return pipe.to(device) if device is not None else pipe
 
