@@ -11,7 +11,7 @@ from .linalg import conjugate_gradient
 from .networks import DiT, MLP, build_unet, unet_config
 from .operators import GaussianObservation, Identity, Mask, Projection, SubsampledFourier
 from .pipeline import DiffusionPriorPipeline, DiffusionPriorPipelineOutput
-from .posterior import MMPSDenoiser
+from .posterior import DiffPIRDenoiser, DPSGuidance, MMPSDenoiser, PiGDMGuidance, TMPDDenoiser, make_posterior
 from .sampling import sample, sample_posterior
 from .scheduler import VEScheduler
 from .vp import VPDenoiser
@@ -28,6 +28,11 @@ __all__ = [
     "DiT",
     "MLP",
     "MMPSDenoiser",
+    "DPSGuidance",
+    "DiffPIRDenoiser",
+    "PiGDMGuidance",
+    "TMPDDenoiser",
+    "make_posterior",
     "Mask",
     "Projection",
     "SubsampledFourier",
