@@ -20,7 +20,7 @@ Cost per call: one forward, no vector-Jacobian product; ``maxiter`` CG iteration
 
 References:
     Zhu, Zhang, Liang, Cao, Wen, Timofte & Van Gool, "Denoising Diffusion Models for
-    Plug-and-Play Image Restoration", CVPR 2023 workshops, arXiv:2305.08995, eq. (13)-(14).
+    Plug-and-Play Image Restoration", CVPR 2023 workshops, arXiv:2305.08995 (the data subproblem).
 """
 
 from __future__ import annotations

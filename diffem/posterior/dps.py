@@ -15,8 +15,8 @@ with the norm of each sample's own residual (never one norm over the batch). Wit
 so that the published step sizes carry over. The step does not use :math:`\sigma_y`
 (the paper's Gaussian-noise algorithm). DPS is not exact even for a Gaussian prior.
 
-Hyperparameter: :math:`\zeta \ge 0`, default 1.0 (the paper tunes :math:`\zeta` per task
-in [0.1, 1]; 1.0 for its FFHQ super-resolution and inpainting).
+Hyperparameter: :math:`\zeta \ge 0`, default 1.0 (as azula's ``DPSSampler``; the paper
+tunes its step size per task).
 
 Cost per step: one forward and one vector-Jacobian product (VJP).
 

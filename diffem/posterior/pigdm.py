@@ -7,7 +7,7 @@ r"""Pseudoinverse-guided diffusion models (:math:`\Pi`GDM): a guidance step afte
 .. math:: \nabla_{x_t} \log p(y \mid x_t) \approx J^T A^T v, \qquad
    (\sigma_y^2 I + r_t^2 A A^T) \, v = y - A \hat{x}
 
-(the noisy form, their eq. 8; CG without network calls, exact in one iteration for a
+(their noisy-observation form; CG without network calls, exact in one iteration for a
 pixel mask). After each sampler step to :math:`\sigma_s`, in VE units,
 
 .. math:: x_s \leftarrow x_s + w \, J^T h, \qquad h = r_t^2 A^T v
@@ -34,7 +34,7 @@ applications.
 
 References:
     Song, Vahdat, Mardani & Kautz, "Pseudoinverse-Guided Diffusion Models for Inverse
-    Problems", ICLR 2023 (openreview 9_gsMA8MRKQ), eq. 5-8 and Algorithm 1.
+    Problems", ICLR 2023 (openreview 9_gsMA8MRKQ), noisy form and Algorithm 1.
 """
 
 from __future__ import annotations

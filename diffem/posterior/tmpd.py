@@ -19,7 +19,7 @@ Cost per call: one forward and two vector-Jacobian products (VJPs).
 
 References:
     Boys, Girolami, Pidstrigach, Reich, Mosca & Akyildiz, "Tweedie Moment Projected
-    Diffusions for Inverse Problems", arXiv:2310.06721, Section 3 (diagonal approximation).
+    Diffusions for Inverse Problems", arXiv:2310.06721 (the diagonal, row-sum approximation).
 """
 
 from __future__ import annotations
