@@ -296,10 +296,10 @@ def _experiment_facts(config: dict, record: dict) -> dict:
                         f"std sigma_y = {_fmt(sigma)} (data in [-2, 2])"),
             operator="`diffem.Mask` (per-image pixel mask, shared over RGB)",
             posterior=("from diffem import Mask\n"
-                       "mask = torch.rand(4, 1, 32, 32, generator=torch.Generator().manual_seed(0)) > "
-                       f"{_fmt(p)}  # True = observed pixel\n"
+                       "g = torch.Generator().manual_seed(0)\n"
+                       f"mask = torch.rand(4, 1, 32, 32, generator=g) > {_fmt(p)}  # True = observed pixel\n"
                        "A = Mask(mask, channels=3)\n"
-                       "y = A(x)  # x: (4, 3, 32, 32) images in [-2, 2] (plus noise of std sigma_y)"),
+                       f"y = A(x[:4] + {_fmt(sigma)} * torch.randn(4, 3, 32, 32, generator=g))  # stand-ins for real y"),
             sigma=sigma,
         )
     if exp == "mnist":
@@ -313,8 +313,9 @@ def _experiment_facts(config: dict, record: dict) -> dict:
                         f"y = x + sigma_y e{masked} with noise std sigma_y = {_fmt(sigma)} (data in [-2, 2])"),
             operator="`diffem.Identity`" + ("" if mp is None else " / `diffem.Mask`"),
             posterior=("from diffem import Identity\n"
+                       "g = torch.Generator().manual_seed(0)\n"
                        "A = Identity()\n"
-                       "y = x + sigma_y * torch.randn_like(x)  # x: (4, 1, 28, 28) digits in [-2, 2]"),
+                       f"y = A(x[:4] + {_fmt(sigma)} * torch.randn(4, 1, 28, 28, generator=g))  # stand-ins for real y"),
             sigma=sigma,
         )
     if exp == "manifold":
@@ -329,9 +330,10 @@ def _experiment_facts(config: dict, record: dict) -> dict:
                         f"noise std sigma_y = {_fmt(sigma)}"),
             operator="`diffem.Projection` (one 2x5 matrix per observation)",
             posterior=("from diffem import Projection\n"
-                       f"matrix = torch.randn(4, 2, {d}, generator=torch.Generator().manual_seed(0))\n"
-                       "A = Projection(matrix / matrix.norm(dim=-1, keepdim=True))\n"
-                       f"y = A(x)  # x: (4, {d}) points (plus noise of std sigma_y)"),
+                       "g = torch.Generator().manual_seed(0)\n"
+                       f"matrix = torch.randn(4, 2, {d}, generator=g)\n"
+                       "A = Projection(matrix / matrix.norm(dim=-1, keepdim=True))  # one 2x5 matrix per observation\n"
+                       f"y = A(x[:4]) + {_fmt(sigma)} * torch.randn(4, 2, generator=g)  # stand-ins for real y"),
             sigma=sigma,
         )
     if exp == "mri":
@@ -351,9 +353,9 @@ def _experiment_facts(config: dict, record: dict) -> dict:
             operator="`diffem.SubsampledFourier` (real and imaginary parts as two channels)",
             posterior=("from diffem import SubsampledFourier\n"
                        "from diffem.operators import column_mask\n"
-                       f"mask = ...  # (4, {size}) bool: observed k-space columns, e.g. from column_mask\n"
+                       f"mask = ...  # (4, {size}) bool: the observed k-space columns, e.g. from column_mask\n"
                        "A = SubsampledFourier(mask)\n"
-                       f"y = A(x)  # x: (4, 1, {size}, {size}) images in [-2, 2] (plus noise of std sigma_y)"),
+                       "y = ...  # (4, 2, H, W): real and imaginary k-space, zero on unobserved columns"),
             sigma=sigma,
         )
     return dict(
@@ -560,7 +562,7 @@ Files: `config.yaml` (the run's resolved configuration), `metrics.json` (this la
 |---|---|
 {chr(10).join(metric_rows)}
 
-Evaluation: {_fmt(ev.get('samples'))} prior samples ({str(ev.get('method', '')).upper()} {ev.get('steps')} steps) on the laps the run evaluates; empty fields mean that the lap was not evaluated.
+Evaluation: {_fmt(ev.get('samples'))} prior samples ({str(ev.get('method', '')).upper()} {ev.get('steps')} steps) on the laps the run evaluates; `eval_status` says whether this lap was evaluated.
 
 ## How to use
 
@@ -593,7 +595,8 @@ generators = [torch.Generator().manual_seed(i) for i in range(16)]
 x = pipe(batch_size=16, num_inference_steps=64, generator=generators).samples
 ```
 
-Posterior samples given observations y = A x + e, e ~ N(0, sigma_y^2 I) (MMPS, {est.get('maxiter')} CG iterations):
+Posterior samples given observations y = A x + e, e ~ N(0, sigma_y^2 I) (MMPS, {est.get('maxiter')} CG iterations;
+here four prior samples observed through the run's kind of operator stand in for real data):
 
 ```python
 {facts['posterior']}

@@ -174,6 +174,8 @@ _NATIVE = textwrap.dedent("""
                                                        ref(4, 8, g(), progress=False).samples))
         own = DiffusionPriorPipeline.from_pretrained(folder, trust_remote_code=True)
         out[name + ":own_class"] = type(own).__name__
+        out[name + ":own_same_samples"] = bool(torch.equal(own(4, 8, g(), progress=False).samples,
+                                                           ref(4, 8, g(), progress=False).samples))
         if name == "image":
             unet = UNet2DModel.from_pretrained(folder, subfolder="unet")
             out["image:unet"] = all(torch.equal(a, b) for a, b in zip(unet.state_dict().values(),
@@ -235,7 +237,7 @@ def test_diffusers_native_loading_routes(manifold_run, image_run, tmp_path):
         assert result[f"{name}:no_trust"] == "refused: trust_remote_code"
         assert result[f"{name}:class"] == "diffem.pipeline.DiffusionPriorPipeline"
         assert result[f"{name}:same_samples"] is True
-        assert result[f"{name}:own_class"] == "DiffusionPriorPipeline"
+        assert result[f"{name}:own_class"] == "DiffusionPriorPipeline" and result[f"{name}:own_same_samples"] is True
     assert result["image:unet"] is True
     assert result["hub:lap-01"] is True and result["hub:main"] is True
     assert (tmp_path / "hf" / "modules").is_dir()  # diffusers' module cache stayed inside tmp_path
@@ -265,6 +267,25 @@ def test_card_metadata_and_metrics_equal_the_run(manifold_run, tmp_path):
     assert "lap 2 of 2" in text and "`smoke`" in text and record["hardware"] in text
     assert f'revision="lap-02"' in text and "trust_remote_code=True" in text and "noise_std=0.01" in text
     assert "only from corrupted observations" in text and "2405.13712" in text
+
+
+def _code_blocks(text: str) -> list[str]:
+    return [b.split("\n", 1)[1] for b in text.split("```")[1::2] if b.startswith("python")]
+
+
+def test_card_sampling_code_runs(manifold_run, image_run, tmp_path):
+    """The card's unconditional and posterior snippets run on the published prior and give finite samples."""
+    for run, lap in ((manifold_run, 2), (image_run, 1)):
+        out = tmp_path / run.parent.name
+        publish(run, REPO, lap=lap, output_dir=out)
+        blocks = _code_blocks((out / "README.md").read_text())
+        sampling = [b for b in blocks if "pipe(" in b and "from_pretrained" not in b and "load_prior" not in b]
+        assert len(sampling) == 2
+        scope = {"torch": torch, "pipe": load_prior(out)}
+        for block in sampling:
+            exec(block.replace("num_inference_steps=64", "num_inference_steps=4"), scope)
+        assert scope["x_post"].shape[0] == 4 and torch.isfinite(scope["x_post"]).all()
+        assert scope["x"].shape[0] == 16
 
 
 @pytest.mark.parametrize("level", ["cpu-p25", "cpu-p75"])
