@@ -53,7 +53,9 @@ def load_sampling_settings(folder) -> dict:
     """The sampler settings a lap was saved with, ``{"estep": {...}, "eval": {...}}``.
 
     ``estep``: ``method`` ("ddpm", "ddim", "pc"), ``num_inference_steps``, ``corrections``,
-    ``delta`` (PC only), ``maxiter`` and ``tol`` (CG of MMPS); ``eval``: ``method`` and
+    ``delta`` (PC only), ``maxiter`` and ``tol`` (CG of MMPS), and the posterior method
+    (``guidance``, ``covariance``, ``guidance_options``: keyword arguments of
+    :func:`diffem.sampling.sample_posterior`); ``eval``: ``method`` and
     ``num_inference_steps`` of the evaluation's unconditional sampler.
 
     Raises:

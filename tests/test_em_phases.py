@@ -111,7 +111,8 @@ def test_saved_lap_carries_the_estep_sampler(tmp_path):
     EMTrainer(config, progress=False).run()
     settings = load_sampling_settings(lap_dir(tmp_path, 1))
     assert settings["estep"] == {"method": "pc", "num_inference_steps": 6, "corrections": 2, "delta": 0.05,
-                                 "maxiter": 3, "tol": 0.0}
+                                 "maxiter": 3, "tol": 0.0, "guidance": "mmps", "covariance": "tweedie",
+                                 "guidance_options": {}}
     assert settings["eval"] == {"method": "ddim", "num_inference_steps": 4}
     scheduler = estep_scheduler(settings["estep"])
     assert dict(scheduler.config) == dict(scheduler_of(config).config)
@@ -152,3 +153,24 @@ def test_bf16_on_cpu_through_the_cli_and_fp16_refused(tmp_path):
     assert any(not torch.equal(runs["fp32"][k], runs["bf16"][k]) for k in runs["fp32"])
     with pytest.raises(ConfigError, match=r"`precision`.*fp16 is refused.*use bf16"):
         load_config("manifold", "smoke", overrides=["precision=fp16"])
+
+
+def test_mstep_draws_nothing_from_the_global_rng(tmp_path):
+    """Batches, noise and dropout come from seeded streams (diffem.em.seeds): the caller's global
+    RNG neither changes the result nor is advanced."""
+    from accelerate import Accelerator
+
+    from diffem.em.mstep import run_mstep
+    from diffem.tasks import get_task
+
+    config = _config(tmp_path, "mstep.steps=5", "network.hidden=[16]")
+    task = get_task(config)
+    samples = torch.randn(64, 5, generator=torch.Generator().manual_seed(0))
+    out = []
+    for k, global_seed in enumerate((1, 2)):
+        torch.manual_seed(global_seed)
+        state = torch.get_rng_state()
+        model, _ = run_mstep(Accelerator(cpu=True), config, task, 1, samples, task.backbone(0), tmp_path / f"m{k}", tmp_path)
+        assert torch.equal(torch.get_rng_state(), state)  # the global RNG was not advanced
+        out.append([p.detach().clone() for p in model.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*out))

@@ -109,9 +109,15 @@ def sampling_settings(config: EMConfig) -> dict:
     e, v = config.estep, config.eval
     return {
         "estep": {"method": e.method, "num_inference_steps": e.steps, "corrections": e.corrections,
-                  "delta": e.delta, "maxiter": e.maxiter, "tol": e.tol},
+                  "delta": e.delta, "maxiter": e.maxiter, "tol": e.tol, **_guidance(e)},
         "eval": {"method": v.method, "num_inference_steps": v.steps},
     }
+
+
+def _guidance(estep) -> dict:
+    """The posterior method of the E-step (``estep.guidance_kwargs()``, when the config has it)."""
+    kwargs = estep.guidance_kwargs() if hasattr(estep, "guidance_kwargs") else {}
+    return {k: kwargs[k] for k in ("guidance", "covariance", "guidance_options") if k in kwargs}
 
 
 def save_lap(run_dir: Path, lap: int, unet, config: EMConfig) -> Path:

@@ -7,6 +7,11 @@ Lap 0 (:mod:`.lap0`) fits a Gaussian prior; each later lap runs the E-step
 2. recorded in ``metrics.jsonl`` (``eval_status: "pending"`` if an evaluation is due);
 3. handed to :meth:`EMTrainer.after_lap_saved` (the point where publishing hooks in);
 4. evaluated (:mod:`.evaluation`), the record updated; a failure is recorded, never fatal.
+
+Precision: ``precision`` (fp32 / bf16) is the accelerator's mixed precision, which wraps the
+M-step's prepared objective in autocast; the E-step, lap 0 and the evaluation call the
+network outside any autocast, in float32. It is recorded in ``config.yaml`` and every lap
+record.
 """
 
 from __future__ import annotations
