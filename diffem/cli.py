@@ -3,6 +3,7 @@
     diffem train <experiment> [--profile P] [--config FILE] [--output-dir DIR] [--set key=value ...] [--dry-run]
     diffem evaluate <run_dir> [--lap K | --missing] [--samples N] [--set eval.key=value ...]
     diffem setup-inception
+    diffem reconstruct <prior_dir> (--h5 FILE.h5 | --nifti FILE.nii.gz | --npy FILE.npy) --acceleration R [--samples K]
     diffem publish <run_dir> --repo-id NAME [--lap K | --all-laps] [--private] [--token T] [--output-dir DIR] [--dry-run]
 
 ``train`` runs (or resumes) EM; launch it with ``accelerate launch -m diffem.cli train ...``
@@ -103,6 +104,16 @@ def _publish(args) -> int:
     return 0
 
 
+def _reconstruct(args) -> int:
+    from .tasks.mri import reconstruct_command
+
+    try:
+        return reconstruct_command(args)
+    except ValueError as e:  # a missing key, a wrong shape, non-finite k-space, not an MRI prior
+        print(f"diffem: error: {e}", file=sys.stderr)
+        return 2
+
+
 def _setup_inception(args) -> int:
     from .metrics import setup_inception
 
@@ -145,6 +156,23 @@ def main(argv: list[str] | None = None) -> int:
     pub.add_argument("--output-dir", default=None, help="write the repo folder(s) here and upload nothing")
     pub.add_argument("--dry-run", action="store_true", help="print what would be uploaded and upload nothing")
     pub.set_defaults(func=_publish)
+
+    rec = sub.add_parser("reconstruct", help="reconstruct an MRI slice from undersampled k-space with a saved prior")
+    rec.add_argument("prior_dir", help="a saved prior (lap_KK folder) or a run folder (its last lap)")
+    source = rec.add_mutually_exclusive_group(required=True)
+    source.add_argument("--h5", default=None, help="fastMRI .h5 file: its fully sampled 'kspace', undersampled here")
+    source.add_argument("--nifti", default=None, help="NIfTI volume (magnitudes), undersampled here")
+    source.add_argument("--npy", default=None, help=".npy slice (H, W) or volume (N, H, W) of magnitudes, undersampled here")
+    rec.add_argument("--slice", type=int, default=None, help="slice of a volume (default: the middle one)")
+    rec.add_argument("--axis", type=int, default=2, help="slicing axis of a NIfTI volume (RAS; 2: axial)")
+    rec.add_argument("--acceleration", type=float, default=8.0, help="nominal acceleration R of the column mask")
+    rec.add_argument("--samples", type=int, default=4, help="posterior samples (mean and std over them)")
+    rec.add_argument("--steps", type=int, default=64, help="sampler steps (DDPM)")
+    rec.add_argument("--maxiter", type=int, default=5, help="CG iterations of MMPS")
+    rec.add_argument("--noise-std", type=float, default=1e-2, help="k-space noise std (data units)")
+    rec.add_argument("--seed", type=int, default=0, help="seed of the mask, the noise and the samples")
+    rec.add_argument("--output-dir", default="reconstruction")
+    rec.set_defaults(func=_reconstruct)
 
     setup = sub.add_parser("setup-inception", help="convert the offline FID Inception weights")
     setup.set_defaults(func=_setup_inception)

@@ -21,7 +21,8 @@ from diffusers import ConfigMixin, DiTTransformer2DModel, ModelMixin, UNet2DMode
 from diffusers.configuration_utils import register_to_config
 from torch import Tensor, nn
 
-__all__ = ["MLP", "DiT", "unet_config", "build_unet", "UNET_PRESETS"]
+__all__ = ["MLP", "DiT", "unet_config", "build_unet", "UNET_PRESETS", "PixelUnshuffleUNet", "UNSHUFFLE_PRESETS",
+           "build_unshuffle_unet"]
 
 
 class MLP(ModelMixin, ConfigMixin):
@@ -173,3 +174,92 @@ class DiT(DiTTransformer2DModel):
         labels = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
         self._without_label_dropout()  # also for models built by from_pretrained / from_config
         return super().forward(x, timestep=c_noise.to(x.dtype), class_labels=labels, return_dict=False)[0]
+
+
+#: Named sizes of :class:`PixelUnshuffleUNet` (MRI). ``paper`` is the authors' fastMRI network
+#: (francois-rozet/diffusion-priors, experiments/fastmri/train.py): 4x4 unshuffle of 320x320
+#: to 80x80x16, channels (128, 256, 384, 512), 3 blocks a level, attention with 4 heads at the
+#: 4th level (10x10), dropout 0.1. ``cpu`` is the CPU profile's network at 64x64 (4x4 unshuffle
+#: to 16x16x16; see experiments/mri/cpu.yaml for the measured costs behind it), ``tiny`` is for tests.
+UNSHUFFLE_PRESETS: dict[str, dict] = {
+    "tiny": dict(factor=2, block_out_channels=(16, 32), layers_per_block=1, attention_levels=(), norm_num_groups=8),
+    "cpu": dict(factor=4, block_out_channels=(32, 64, 128), layers_per_block=1, attention_levels=(),
+                norm_num_groups=16),
+    "paper": dict(factor=4, block_out_channels=(128, 256, 384, 512), layers_per_block=3, attention_levels=(3,),
+                  norm_num_groups=32, dropout=0.1, heads=4),
+}
+
+
+class PixelUnshuffleUNet(ModelMixin, ConfigMixin):
+    r"""A diffusers ``UNet2DModel`` between a pixel unshuffle and a pixel shuffle (MRI backbone).
+
+    ``x`` ``(B, C, H, W)`` is rearranged into ``(B, C f^2, H/f, W/f)``
+    (``torch.nn.PixelUnshuffle(f)``), passed through the U-Net with the noise embedding
+    input ``c_noise`` (float ``(B,)``), and rearranged back (``PixelShuffle(f)``), so the
+    U-Net works at ``1/f`` of the resolution: the authors' fastMRI network (Rozet et al.
+    2024, Appendix C) turns 320x320 slices into 80x80x16 with ``f = 4``.
+
+    Its config holds ``sample_size`` (``H = W``) and ``in_channels`` (``C``) of the *image*,
+    so :func:`diffem.pipeline.event_shape_of` gives ``(C, H, W)``; it saves and loads with
+    ``save_pretrained`` / ``from_pretrained`` like the other backbones.
+
+    Arguments:
+        sample_size: Image side ``H = W``, a multiple of ``factor``.
+        in_channels: Image channels ``C`` (1 for magnitude MRI).
+        factor: Unshuffle factor ``f``.
+        block_out_channels, layers_per_block, attention_levels, norm_num_groups, dropout, heads:
+            The inner U-Net, as in :func:`unet_config`.
+
+    Raises:
+        ValueError: if ``factor`` < 1 or does not divide ``sample_size``, or the U-Net options
+            are inconsistent (from :func:`unet_config` / diffusers).
+    """
+
+    @register_to_config
+    def __init__(
+        self,
+        sample_size: int = 64,
+        in_channels: int = 1,
+        factor: int = 2,
+        block_out_channels: Sequence[int] = (32, 64, 128),
+        layers_per_block: int = 1,
+        attention_levels: Sequence[int] = (),
+        norm_num_groups: int = 16,
+        dropout: float = 0.0,
+        heads: int = 4,
+    ):
+        super().__init__()
+        if int(factor) != factor or factor < 1:
+            raise ValueError(f"`factor` must be an integer >= 1, got {factor!r}")
+        if sample_size % factor:
+            raise ValueError(f"`factor` ({factor}) must divide `sample_size` ({sample_size})")
+        inner = dict(block_out_channels=tuple(block_out_channels), layers_per_block=layers_per_block,
+                     attention_levels=tuple(attention_levels), norm_num_groups=norm_num_groups, dropout=dropout,
+                     heads=heads)
+        # Every preset key is overridden, so the base preset's values are not used.
+        self.unet = UNet2DModel(**unet_config("tiny", sample_size // factor, in_channels * factor**2, **inner))
+        self.unshuffle = nn.PixelUnshuffle(factor)
+        self.shuffle = nn.PixelShuffle(factor)
+
+    def forward(self, x: Tensor, c_noise: Tensor) -> Tensor:
+        """``x``: ``(B, C, H, W)``; ``c_noise``: ``(B,)`` float. Returns ``(B, C, H, W)``."""
+        out = self.unet(self.unshuffle(x), c_noise.to(x.dtype)).sample
+        return self.shuffle(out)
+
+
+def build_unshuffle_unet(preset: str = "cpu", sample_size: int = 64, channels: int = 1, seed: int = 0,
+                         **overrides) -> PixelUnshuffleUNet:
+    """A freshly initialised :class:`PixelUnshuffleUNet` of a preset (:data:`UNSHUFFLE_PRESETS`), from ``seed``.
+
+    Raises:
+        ValueError: for an unknown preset or override key.
+    """
+    if preset not in UNSHUFFLE_PRESETS:
+        raise ValueError(f"`preset` must be one of {sorted(UNSHUFFLE_PRESETS)}, got {preset!r}")
+    spec = dict(dropout=0.0, heads=4) | UNSHUFFLE_PRESETS[preset]
+    unknown = set(overrides) - set(spec)
+    if unknown:
+        raise ValueError(f"unknown network option(s) {sorted(unknown)}; expected some of {sorted(spec)}")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return PixelUnshuffleUNet(sample_size=sample_size, in_channels=channels, **(spec | overrides))

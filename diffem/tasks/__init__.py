@@ -145,6 +145,7 @@ TASKS = {
     "manifold": "diffem.tasks.manifold:ManifoldTask",
     "mnist": "diffem.tasks.mnist:MnistTask",
     "cifar10": "diffem.tasks.cifar10:Cifar10Task",
+    "mri": "diffem.tasks.mri:MriTask",
 }
 
 

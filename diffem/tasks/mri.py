@@ -1,0 +1,611 @@
+r"""The accelerated-MRI experiment: a diffusion prior learned from undersampled k-space only.
+
+Observations (Rozet et al. 2024, Section 5.3)
+
+.. math:: y_i = M_i \odot \big(\mathrm{FFT2c}(x_i) + \sigma_y e_i\big), \qquad \sigma_y = 10^{-2},
+
+with the centred orthonormal 2-D FFT and a random column mask :math:`M_i` drawn per slice at
+acceleration ``data.acceleration`` (the paper: R = 6) by :func:`diffem.operators.column_mask`
+(the authors' fastMRI mask, scaled to the image width); the forward operator is
+:class:`~diffem.operators.SubsampledFourier` (real and imaginary parts as two channels).
+Unobserved columns of ``y`` are stored as 0 (the authors add noise there too; it carries no
+information, since :math:`A^T` removes those entries, so the likelihood is the same). The
+mask and noise of observation ``i`` come from one generator seeded with
+``derive_seed(data.seed, 0, i)``; ``data.duplicate`` repeats every observation so that the
+E-step draws that many posterior samples of it (the authors: 2).
+
+Images
+    ``data.kind: brain`` (the ``cpu`` / ``smoke`` profiles): slices of the two offline brain
+    volumes (:func:`diffem.data.mri.load_brain_slices`): training slices in three
+    orientations, evaluation slices from a held-out axial slab of each volume that no
+    training image touches. ``data.kind: fastmri`` (``paper``): the ``reconstruction_rss``
+    slices of a user's fastMRI single-coil folder ``data.path`` (training) and
+    ``data.eval_path`` (evaluation, e.g. the validation set; when null, the last
+    ``data.eval_volumes`` files of ``data.path`` are held out instead and never observed).
+
+Evaluation (:meth:`MriTask.evaluate`, every evaluated lap, lap 0 included)
+    ``data.eval_slices`` held-out slices (evenly spaced over the evaluation split), each
+    observed at every acceleration of ``data.eval_accelerations`` through a fixed mask and
+    noise (seeded by ``(data.seed, 1, R, slice)``: the same at every lap). Reported per
+    ``R``: PSNR, SSIM and NMSE of the zero-filled image :math:`A^+ y` (the pseudo-inverse,
+    which counts the k-space columns whose mirror is missing twice; see
+    :meth:`SubsampledFourier.pinv <diffem.operators.SubsampledFourier.pinv>`), of one
+    posterior sample and of the mean of ``data.posterior_samples`` samples (MMPS,
+    ``data.posterior_method`` / ``posterior_steps`` / ``posterior_maxiter``), on magnitude
+    images :math:`|x + 2| / 4` with data range 1 (the volume's maximum: fastMRI's convention;
+    SSIM with fastMRI's 7x7 uniform window); the mean posterior standard deviation
+    (magnitude units); the data consistency :math:`\lVert A \hat x - y \rVert / \lVert y \rVert`
+    of each estimate (its floor is the noise: ``noise_floor``); the mean kept fraction of
+    columns and the effective acceleration :math:`HW / \operatorname{rank} A` (milder than R:
+    a real image's spectrum is conjugate-symmetric). ``eval.samples`` unconditional prior
+    samples are drawn too (figures only).
+
+References:
+    Rozet et al., "Learning Diffusion Priors from Observations by Expectation
+    Maximization", NeurIPS 2024, arXiv:2405.13712, Section 5.3 and Appendix C;
+    Zbontar et al., "fastMRI", arXiv:1811.08839.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from ..config import ConfigError
+from ..operators import SubsampledFourier
+from . import ObservationSet, Task, draw_prior_samples, load_or_build
+
+__all__ = ["MriTask", "observe_kspace", "random_flip_shift"]
+
+_NET_KEYS = ("factor", "block_out_channels", "layers_per_block", "attention_levels", "norm_num_groups", "dropout",
+             "heads")
+_TRAIN_STREAM, _EVAL_STREAM = 0, 1
+
+
+def observe_kspace(x: Tensor, acceleration: float, noise_std: float, seed: int, stream: int, indices) -> tuple[Tensor, Tensor]:
+    r"""Observe images through random column masks: :math:`y = M \odot (\mathrm{FFT2c}(x) + \sigma e)`.
+
+    Image ``k`` (index ``indices[k]``) draws its mask (:func:`diffem.operators.column_mask`)
+    and then its noise from one generator seeded with ``derive_seed(seed, stream, index)``
+    (the evaluation masks add ``round(100 R)`` to the keys), so an observation depends on
+    ``(seed, stream, index)`` only, never on the batch.
+
+    Arguments:
+        x: Images ``(N, 1, H, W)`` in [-2, 2] (square: ``H == W``).
+        acceleration: The nominal acceleration ``R`` >= 1.
+        noise_std: :math:`\sigma > 0` (data units).
+        seed, stream: Non-negative integers.
+        indices: ``N`` non-negative integers.
+
+    Returns:
+        ``(y, mask)``: ``y`` ``(N, 2, H, W)`` float32, zero in unobserved columns; ``mask``
+        ``(N, W)`` bool.
+
+    Raises:
+        ValueError: for a non-square or non-4-D ``x``, a bad acceleration or noise level.
+    """
+    from ..operators import column_mask
+    from ..random import derive_seed
+
+    if x.dim() != 4 or x.shape[1] != 1 or x.shape[2] != x.shape[3]:
+        raise ValueError(f"`x` must have shape (N, 1, S, S), got {tuple(x.shape)}")
+    if not noise_std > 0:
+        raise ValueError(f"`noise_std` must be > 0, got {noise_std!r}")
+    n, _, h, w = x.shape
+    indices = [int(i) for i in indices]
+    if len(indices) != n:
+        raise ValueError(f"`indices` has length {len(indices)}, expected {n}")
+    extra = (int(round(100 * acceleration)),) if stream == _EVAL_STREAM else ()
+    masks, noises = [], []
+    for i in indices:
+        g = torch.Generator().manual_seed(derive_seed(seed, stream, *extra, i))
+        masks.append(column_mask(w, acceleration, g))
+        noises.append(torch.randn(2, h, w, generator=g))
+    mask = torch.stack(masks)
+    A = SubsampledFourier(mask)
+    y = A(x.float()) + float(noise_std) * torch.stack(noises) * mask[:, None, None, :]
+    return y, mask
+
+
+def random_flip_shift(x: Tensor, generator: torch.Generator, shift: int = 4) -> Tensor:
+    """Left-right flips (p = 1/2) and shifts of up to ``shift`` pixels (the authors' MRI augmentation).
+
+    Shifts pad with the image's background value -2 (an MRI's empty surroundings), not by
+    reflection. ``x``: ``(B, C, H, W)``; every draw comes from ``generator`` (``B`` uniforms,
+    then ``2 B`` integers).
+    """
+    if x.dim() != 4:
+        raise ValueError(f"`x` must have shape (B, C, H, W), got {tuple(x.shape)}")
+    b, _, h, w = x.shape
+    flip = (torch.rand(b, generator=generator) < 0.5).to(x.device)
+    offsets = torch.randint(-shift, shift + 1, (b, 2), generator=generator).to(x.device)
+    x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+    if shift == 0:
+        return x
+    padded = torch.nn.functional.pad(x, (shift, shift, shift, shift), value=-2.0)
+    rows = offsets[:, 0, None] + shift + torch.arange(h, device=x.device)
+    cols = offsets[:, 1, None] + shift + torch.arange(w, device=x.device)
+    batch = torch.arange(b, device=x.device)[:, None, None]
+    return padded.permute(0, 2, 3, 1)[batch, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2).contiguous()
+
+
+def _magnitude(x: Tensor) -> Tensor:
+    from ..data.mri import to_magnitude
+
+    return to_magnitude(x.float())[:, 0]
+
+
+class MriTask(Task):
+    """Accelerated MRI from undersampled k-space; see the module docstring.
+
+    ``data`` options: ``kind`` (brain | fastmri), ``path`` (brain: the NIfTI folder, null for
+    ``../shared/data/mri``; fastmri: the folder of training ``.h5`` files, required),
+    ``eval_path``, ``eval_volumes``, ``size``, ``holdout``, ``gap``, ``min_foreground``,
+    ``observations`` (null: all training slices), ``duplicate``, ``acceleration``,
+    ``noise_std``, ``seed``, ``eval_accelerations``, ``eval_slices``, ``posterior_samples``,
+    ``posterior_method``, ``posterior_steps``, ``posterior_maxiter``, ``posterior_batch_size``,
+    ``shift`` (M-step augmentation), ``cache_dir``. ``network`` options: ``preset``
+    (:data:`diffem.networks.UNSHUFFLE_PRESETS`) and any preset override.
+    """
+
+    name = "mri"
+    data_defaults = dict(
+        kind="brain", path=None, eval_path=None, eval_volumes=4, size=64, holdout=[0.55, 0.65], gap=4,
+        min_foreground=0.15, observations=None, duplicate=1, acceleration=6, noise_std=1e-2, seed=0,
+        eval_accelerations=[4, 6, 8, 16, 32], eval_slices=8, posterior_samples=4, posterior_method="ddpm",
+        posterior_steps=64, posterior_maxiter=5, posterior_batch_size=64, shift=4, cache_dir=None,
+    )
+    network_defaults = dict(preset="cpu") | {k: None for k in _NET_KEYS}
+
+    # -- options ---------------------------------------------------------------------------------
+    def check(self):
+        d = self.data
+        if d["kind"] not in ("brain", "fastmri"):
+            raise ConfigError(f"config key `data.kind` must be 'brain' or 'fastmri', got {d['kind']!r}")
+        if d["kind"] == "fastmri":
+            if d["path"] is None:
+                raise ConfigError("config key `data.path` must name your fastMRI folder of .h5 files (kind: fastmri)")
+            for key in ("path", "eval_path"):
+                if d[key] is not None and not Path(d[key]).expanduser().is_dir():
+                    raise ConfigError(f"config key `data.{key}`: folder `{d[key]}` does not exist")
+        elif d["path"] is not None and not Path(d["path"]).expanduser().is_dir():
+            raise ConfigError(f"config key `data.path`: folder `{d['path']}` does not exist")
+
+        def integer(key, low):
+            v = d[key]
+            if isinstance(v, bool) or not isinstance(v, int) or v < low:
+                raise ConfigError(f"config key `data.{key}` must be an integer >= {low}, got {v!r}")
+
+        for key, low in (("size", 8), ("gap", 0), ("duplicate", 1), ("seed", 0), ("eval_slices", 1),
+                         ("posterior_samples", 1), ("posterior_steps", 1), ("posterior_maxiter", 1),
+                         ("posterior_batch_size", 1), ("shift", 0), ("eval_volumes", 1)):
+            integer(key, low)
+        if d["observations"] is not None:
+            integer("observations", 2)
+        for key in ("acceleration", "noise_std", "min_foreground"):
+            v = d[key]
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise ConfigError(f"config key `data.{key}` must be a number, got {v!r}")
+        if not d["acceleration"] >= 1:
+            raise ConfigError(f"config key `data.acceleration` must be >= 1, got {d['acceleration']!r}")
+        if not d["noise_std"] > 0:
+            raise ConfigError(f"config key `data.noise_std` must be > 0, got {d['noise_std']!r}")
+        rs = d["eval_accelerations"]
+        if not isinstance(rs, (list, tuple)) or not rs or any(
+                isinstance(r, bool) or not isinstance(r, (int, float)) or not r >= 1 for r in rs):
+            raise ConfigError(f"config key `data.eval_accelerations` must be a list of numbers >= 1, got {rs!r}")
+        h = d["holdout"]
+        if not isinstance(h, (list, tuple)) or len(h) != 2 or not 0 <= float(h[0]) < float(h[1]) <= 1:
+            raise ConfigError(f"config key `data.holdout` must be [start, stop] fractions with 0 <= start < stop <= 1, got {h!r}")
+        if d["posterior_method"] not in ("ddpm", "ddim", "pc"):
+            raise ConfigError(f"config key `data.posterior_method` must be ddpm, ddim or pc, got {d['posterior_method']!r}")
+        from ..networks import UNSHUFFLE_PRESETS
+
+        if self.net["preset"] not in UNSHUFFLE_PRESETS:
+            raise ConfigError(f"config key `network.preset` must be one of {sorted(UNSHUFFLE_PRESETS)}, got {self.net['preset']!r}")
+        factor = self._net_overrides().get("factor", UNSHUFFLE_PRESETS[self.net["preset"]]["factor"])
+        if d["size"] % factor:
+            raise ConfigError(f"config key `data.size` ({d['size']}) must be a multiple of the unshuffle factor {factor}")
+
+    def _net_overrides(self) -> dict:
+        return {k: self.net[k] for k in _NET_KEYS if self.net.get(k) is not None}
+
+    @property
+    def size(self) -> int:
+        return int(self.data["size"])
+
+    @property
+    def event_shape(self) -> tuple:
+        return (1, self.size, self.size)
+
+    # -- data ------------------------------------------------------------------------------------
+    def _slices(self, split: str):
+        """The slice dataset of a split ("train" or "test"); clean images stay inside the task."""
+        cache = getattr(self, "_datasets", None)
+        if cache is None:
+            cache = self._datasets = {}
+        if split not in cache:
+            from ..data import mri
+
+            d = self.data
+            if d["kind"] == "brain":
+                cache[split] = mri.load_brain_slices(split, self.size, d["path"], tuple(d["holdout"]), d["gap"],
+                                                     d["min_foreground"], cache_dir=d["cache_dir"])
+            else:
+                cache[split] = self._fastmri(split)
+        return cache[split]
+
+    def _fastmri(self, split: str):
+        from ..data import mri
+
+        d = self.data
+        if d["eval_path"] is not None:
+            folder = d["eval_path"] if split == "test" else d["path"]
+            return mri.load_fastmri(folder, self.size, cache_dir=d["cache_dir"])
+        files = sorted(p.name for p in Path(d["path"]).expanduser().glob("*.h5"))
+        k = int(d["eval_volumes"])
+        if len(files) <= k:
+            raise ConfigError(f"config key `data.eval_volumes`: {k} held-out volumes leave no training volume "
+                              f"among the {len(files)} files of `{d['path']}` (or set `data.eval_path`)")
+        chosen = files[-k:] if split == "test" else files[:-k]
+        return mri.load_fastmri(d["path"], self.size, files=chosen, cache_dir=d["cache_dir"])
+
+    def clean_images(self, split: str) -> Tensor:
+        """Clean images ``(N, 1, S, S)`` in [-2, 2]: the observed training slices (``"train"``,
+        the first ``data.observations``) or the evaluation slices (``"test"``)."""
+        from ..data.mri import images_of
+
+        if split not in ("train", "test"):
+            raise ValueError(f"`split` must be 'train' or 'test', got {split!r}")
+        ds = self._slices(split)
+        if split == "test":
+            idx = np.unique(np.linspace(0, len(ds) - 1, min(int(self.data["eval_slices"]), len(ds))).round().astype(int))
+            return images_of(ds.select(idx.tolist()))
+        n = self.data["observations"]
+        n = len(ds) if n is None else int(n)
+        if n > len(ds):
+            raise ConfigError(f"config key `data.observations`: {n} requested, only {len(ds)} training slices")
+        return images_of(ds.select(range(n)))
+
+    def observations(self, cache_dir: Path) -> ObservationSet:
+        """The observation set (each observation ``data.duplicate`` times); saved once under
+        ``cache_dir/observations`` with the columns ``y`` and ``mask`` only."""
+        import datasets
+
+        d = self.data
+
+        def build():
+            x = self.clean_images("train")
+            features = datasets.Features({
+                "y": datasets.Array3D(shape=(2, self.size, self.size), dtype="float32"),
+                "mask": datasets.Sequence(datasets.Value("bool"), length=self.size),
+            })
+
+            def rows(start: int, stop: int):
+                for i in range(start, stop, 64):
+                    j = min(i + 64, stop)
+                    y, mask = observe_kspace(x[i:j], float(d["acceleration"]), float(d["noise_std"]), int(d["seed"]),
+                                             _TRAIN_STREAM, range(i, j))
+                    for k in range(j - i):
+                        yield {"y": y[k].numpy(), "mask": mask[k].numpy()}
+
+            scratch = Path(cache_dir) / "observations.build"
+            return datasets.Dataset.from_generator(rows, features=features, gen_kwargs={"start": 0, "stop": len(x)},
+                                                   cache_dir=str(scratch))
+
+        path = Path(cache_dir) / "observations"
+        ds = load_or_build(path, build).with_format("torch")
+        import shutil
+
+        shutil.rmtree(Path(cache_dir) / "observations.build", ignore_errors=True)
+        y, mask = ds["y"][:], ds["mask"][:].bool()
+        k = int(d["duplicate"])
+        if k > 1:
+            y, mask = y.repeat(k, 1, 1, 1), mask.repeat(k, 1)
+        return ObservationSet(y, SubsampledFourier(mask), float(d["noise_std"]), self.event_shape)
+
+    # -- model -----------------------------------------------------------------------------------
+    def backbone(self, seed: int) -> nn.Module:
+        from ..networks import build_unshuffle_unet
+
+        return build_unshuffle_unet(self.net["preset"], self.size, 1, seed, **self._net_overrides())
+
+    def augment(self, x: Tensor, generator: torch.Generator) -> Tensor:
+        """Flips and shifts of up to ``data.shift`` pixels (:func:`random_flip_shift`) when ``mstep.augment`` is on."""
+        if not self.config.mstep.augment:
+            return x
+        return random_flip_shift(x, generator, int(self.data["shift"]))
+
+    # -- evaluation --------------------------------------------------------------------------------
+    def evaluation_observations(self, acceleration: float) -> tuple[Tensor, Tensor]:
+        """The fixed evaluation observations at one acceleration: ``(y (n, 2, S, S), mask (n, S))``."""
+        x = self.clean_images("test")
+        return observe_kspace(x, float(acceleration), float(self.data["noise_std"]), int(self.data["seed"]),
+                              _EVAL_STREAM, range(len(x)))
+
+    def evaluate(self, pipeline, lap: int, generator_seed: int, progress: bool = True) -> dict:
+        """Metrics of the prior ``pipeline`` on the held-out slices; see the module docstring.
+
+        Returns a record with ``accelerations`` (a mapping ``"R"`` -> metrics) and, for the
+        training acceleration, the headline ``psnr_posterior_mean`` / ``ssim_posterior_mean``.
+        ``self.artifacts`` gets the images of the figures (per R: mask, zero-filled, two
+        samples, std; ground truth; prior samples).
+        """
+        from ..metrics import nmse, psnr, ssim
+        from ..pipeline import denoiser_of
+        from ..random import make_generators
+        from ..sampling import sample_posterior
+
+        d = self.data
+        x = self.clean_images("test")
+        n, k = len(x), int(d["posterior_samples"])
+        truth = _magnitude(x)
+        denoiser = denoiser_of(pipeline.unet)
+        device = pipeline.device
+
+        def scores(estimate: Tensor) -> dict:
+            m = _magnitude(estimate)
+            return {"psnr": float(psnr(m, truth, data_range=1.0).mean()),
+                    "ssim": float(ssim(m, truth, data_range=1.0, gaussian_kernel=False, kernel_size=7).mean()),
+                    "nmse": float(nmse(m, truth).mean())}
+
+        per_r, artifacts = {}, {"truth": x, "accelerations": {}}
+        for r_index, R in enumerate(d["eval_accelerations"]):
+            y, mask = self.evaluation_observations(R)
+            A = SubsampledFourier(mask)
+            zero_filled = A.pinv(y)
+            reps = torch.arange(n).repeat_interleave(k)
+            gens = make_generators(generator_seed, r_index, indices=range(n * k))
+            samples = sample_posterior(
+                denoiser, y[reps].to(device), A[reps].to(device), float(d["noise_std"]), self.event_shape,
+                steps=int(d["posterior_steps"]), maxiter=int(d["posterior_maxiter"]), method=d["posterior_method"],
+                generator=gens, batch_size=int(d["posterior_batch_size"]), device=device,
+            ).cpu().float().reshape(n, k, *self.event_shape)
+            mean = samples.mean(1)
+            norm_y = y.flatten(1).norm(dim=1)
+
+            def consistency(estimate: Tensor) -> float:
+                return float(((A(estimate) - y).flatten(1).norm(dim=1) / norm_y).mean())
+
+            noise_floor = float((float(d["noise_std"]) * (2 * self.size * mask.sum(1)).double().sqrt() / norm_y).mean())
+            std = _magnitude(samples.flatten(0, 1)).reshape(n, k, self.size, self.size).std(1) if k > 1 else None
+            entry = {}
+            for name, est in (("zero_filled", zero_filled), ("posterior_sample", samples[:, 0]), ("posterior_mean", mean)):
+                entry |= {f"{key}_{name}": value for key, value in scores(est).items()}
+                entry[f"data_consistency_{name}"] = consistency(est)
+            entry |= {
+                "posterior_std": None if std is None else float(std.mean()),
+                "noise_floor": noise_floor,
+                "kept_fraction": float(mask.float().mean()),
+                "effective_acceleration": float(A.effective_acceleration().mean()),
+            }
+            per_r[f"{R:g}"] = entry
+            artifacts["accelerations"][f"{R:g}"] = {
+                "mask": mask, "zero_filled": zero_filled, "samples": samples[:, :2].clone(), "mean": mean,
+                "std": std,
+            }
+        out: dict = {"accelerations": per_r, "eval_slices": n, "posterior_samples": k}
+        train_r = f"{float(d['acceleration']):g}"
+        if train_r in per_r:
+            for key in ("psnr_posterior_mean", "ssim_posterior_mean", "psnr_zero_filled", "ssim_zero_filled"):
+                out[key] = per_r[train_r][key]
+        cfg = self.config.eval
+        prior = draw_prior_samples(pipeline, cfg.samples, cfg, generator_seed, progress) if cfg.samples > 0 else None
+        artifacts["prior"] = None if prior is None else prior[:16].cpu()
+        self.artifacts = artifacts
+        return out
+
+
+# -- reconstruction of a user's scan (``diffem reconstruct``) -------------------------------------
+def _centred_ifft2(k: np.ndarray) -> np.ndarray:
+    return np.fft.fftshift(np.fft.ifft2(np.fft.ifftshift(k, axes=(-2, -1)), norm="ortho"), axes=(-2, -1))
+
+
+def magnitudes_from_kspace(kspace: np.ndarray, crop: int = 320) -> np.ndarray:
+    r"""Magnitude images ``(N, c, c)`` of fully sampled k-space ``(N, H, W)``: :math:`|\mathrm{IFFT2c}(k)|`,
+    centre-cropped to ``c = min(crop, H, W)`` (how fastMRI's 320x320 reconstructions are made).
+
+    Raises:
+        ValueError: if ``kspace`` is not a finite complex array of shape ``(N, H, W)``.
+    """
+    if not np.iscomplexobj(kspace):
+        raise ValueError(f"`kspace` must be complex, got dtype {kspace.dtype}")
+    if kspace.ndim != 3:
+        raise ValueError(f"`kspace` must have shape (slices, height, width), got {kspace.shape}")
+    if not np.isfinite(kspace).all():
+        raise ValueError("`kspace` contains NaN or inf values")
+    image = np.abs(_centred_ifft2(kspace))
+    h, w = image.shape[-2:]
+    c = min(crop, h, w)
+    top, left = (h - c) // 2, (w - c) // 2
+    return image[:, top:top + c, left:left + c].astype(np.float32)
+
+
+def prepare_slice(magnitude: np.ndarray, peak: float, size: int) -> Tensor:
+    """A magnitude slice ``(H, W)`` (>= 0) as the prior's input ``(1, 1, size, size)`` in [-2, 2].
+
+    ``4 v / peak - 2`` (``peak``: the volume's maximum), padded to a square and resized
+    (:func:`diffem.data.mri.resize_images`).
+
+    Raises:
+        ValueError: if the slice is not 2-D, not finite or negative, or ``peak`` is not > 0.
+    """
+    from ..data.mri import resize_images
+
+    v = np.asarray(magnitude)
+    if v.ndim != 2:
+        raise ValueError(f"the image must be a 2-D slice (height, width), got shape {v.shape}")
+    if not np.isfinite(v).all():
+        raise ValueError("the image contains NaN or inf values")
+    if (v < 0).any():
+        raise ValueError("the image must hold magnitudes (>= 0); found negative values")
+    if not peak > 0:
+        raise ValueError(f"the volume's maximum must be > 0, got {peak!r}")
+    x = torch.from_numpy(v.astype(np.float32)) * (4.0 / float(peak)) - 2.0
+    return resize_images(x[None], size)[None]
+
+
+@torch.no_grad()
+def reconstruct(pipeline, x: Tensor, acceleration: float, samples: int = 4, seed: int = 0, noise_std: float = 1e-2,
+                steps: int = 64, maxiter: int = 5, method: str = "ddpm", batch_size: int = 8) -> dict:
+    r"""Undersample one slice retrospectively and sample its posterior under a saved prior.
+
+    ``y = M (FFT2c(x) + noise_std e)`` with a column mask at ``acceleration`` and noise drawn
+    from ``(seed, 1, round(100 R), 0)`` (:func:`observe_kspace`), then ``samples`` MMPS
+    posterior samples (sample ``j`` from the generator ``(seed, j)``).
+
+    Arguments:
+        pipeline: A :class:`~diffem.pipeline.DiffusionPriorPipeline` of an MRI prior (event ``(1, S, S)``).
+        x: The slice ``(1, 1, S, S)`` in [-2, 2] (:func:`prepare_slice`).
+
+    Returns:
+        A dict of ``(S, S)`` tensors in magnitude units (1 = the volume's maximum):
+        ``reference``, ``zero_filled`` (:math:`A^+ y`), ``mean``, ``std``, ``samples``
+        ``(samples, S, S)``, and ``mask`` ``(S,)`` bool, ``effective_acceleration`` (float).
+    """
+    from ..pipeline import denoiser_of
+    from ..random import make_generators
+    from ..sampling import sample_posterior
+
+    if int(samples) != samples or samples < 1:
+        raise ValueError(f"`samples` must be an integer >= 1, got {samples!r}")
+    event = tuple(pipeline.event_shape)
+    if len(event) != 3 or event[0] != 1 or event[1] != event[2]:
+        raise ValueError(f"the prior's samples have shape {event}: not an MRI prior (expected (1, S, S))")
+    if tuple(x.shape) != (1, *event):
+        raise ValueError(f"`x` has shape {tuple(x.shape)}, expected (1, *{event})")
+    y, mask = observe_kspace(x, float(acceleration), float(noise_std), int(seed), _EVAL_STREAM, [0])
+    A = SubsampledFourier(mask)
+    reps = torch.zeros(int(samples), dtype=torch.long)
+    device = pipeline.device
+    draws = sample_posterior(
+        denoiser_of(pipeline.unet), y[reps].to(device), A[reps].to(device), float(noise_std), event, steps=steps,
+        maxiter=maxiter, method=method, generator=make_generators(int(seed), indices=range(int(samples))),
+        batch_size=batch_size, device=device,
+    ).cpu().float()
+    magnitudes = _magnitude(draws)
+    return {
+        "reference": _magnitude(x)[0], "zero_filled": _magnitude(A.pinv(y))[0], "samples": magnitudes,
+        "mean": _magnitude(draws.mean(0, keepdim=True))[0],
+        "std": magnitudes.std(0) if samples > 1 else torch.zeros_like(magnitudes[0]),
+        "mask": mask[0], "effective_acceleration": float(A.effective_acceleration()[0]),
+    }
+
+
+def _load_prior(prior_dir: Path):
+    from ..pipeline import DiffusionPriorPipeline
+
+    prior_dir = Path(prior_dir)
+    if not prior_dir.is_dir():
+        raise FileNotFoundError(f"prior folder not found: {prior_dir}")
+    folder = prior_dir
+    if not (folder / "model_index.json").exists():  # a run folder: its last finished lap
+        laps = sorted(p for p in prior_dir.glob("lap_[0-9][0-9]") if (p / "model_index.json").exists())
+        if not laps:
+            raise FileNotFoundError(f"{prior_dir} is neither a saved prior (model_index.json) nor a run with a finished lap")
+        folder = laps[-1]
+    return DiffusionPriorPipeline.from_pretrained(folder), folder
+
+
+def _read_input(args, size: int) -> tuple[Tensor, str]:
+    """The slice chosen by ``--h5`` / ``--nifti`` / ``--npy`` as ``(1, 1, size, size)`` in [-2, 2]."""
+    from ..data.mri import read_fastmri_file
+
+    def pick(volume: np.ndarray, what: str) -> np.ndarray:
+        index = volume.shape[0] // 2 if args.slice is None else args.slice
+        if not 0 <= index < volume.shape[0]:
+            raise ValueError(f"--slice {index} is out of range: {what} has {volume.shape[0]} slices")
+        return volume[index]
+
+    if args.h5 is not None:
+        kspace = read_fastmri_file(args.h5, "kspace")
+        volume = magnitudes_from_kspace(kspace)
+        return prepare_slice(pick(volume, args.h5), float(volume.max()), size), f"{args.h5}: 'kspace'"
+    if args.nifti is not None:
+        import nibabel as nib
+
+        path = Path(args.nifti)
+        if not path.is_file():
+            raise FileNotFoundError(f"NIfTI file not found: {path}")
+        volume = np.asarray(nib.as_closest_canonical(nib.load(str(path))).dataobj, dtype=np.float32)
+        if volume.ndim != 3:
+            raise ValueError(f"{path}: expected a 3-D volume, got shape {volume.shape}")
+        if args.axis not in (0, 1, 2):
+            raise ValueError(f"--axis must be 0, 1 or 2, got {args.axis}")
+        slices = np.moveaxis(volume, args.axis, 0)
+        image = np.flip(pick(slices, str(path)).T, 0)  # rows: the next axis, top = its far end
+        return prepare_slice(np.ascontiguousarray(image), float(volume.max()), size), str(path)
+    path = Path(args.npy)
+    if not path.is_file():
+        raise FileNotFoundError(f"array file not found: {path}")
+    array = np.load(path)
+    if np.iscomplexobj(array):
+        raise ValueError(f"{path}: expected real magnitudes, got a complex array (use --h5 for k-space)")
+    if array.ndim == 2:
+        return prepare_slice(array, float(np.max(array)), size), str(path)
+    if array.ndim == 3:
+        return prepare_slice(pick(array, str(path)), float(np.max(array)), size), str(path)
+    raise ValueError(f"{path}: expected a slice (height, width) or a volume (slices, height, width), got shape {array.shape}")
+
+
+def reconstruct_command(args) -> int:
+    """``diffem reconstruct PRIOR_DIR (--h5 F | --nifti F | --npy F) --acceleration R [--samples K]``.
+
+    Writes ``posterior_mean.npy``, ``posterior_std.npy``, ``zero_filled.npy``, ``reference.npy``
+    (magnitudes, 1 = the volume's maximum), ``mask.npy`` and ``reconstruction.png`` into
+    ``--output-dir`` and prints a JSON summary (PSNR / SSIM against the fully sampled slice).
+
+    Raises:
+        ValueError: for a missing key, a wrong shape, non-finite k-space or a prior that is not an MRI prior.
+        FileNotFoundError: for a missing prior or input file.
+    """
+    import json
+
+    from ..metrics import psnr, ssim
+
+    pipeline, folder = _load_prior(Path(args.prior_dir))
+    event = tuple(pipeline.event_shape)
+    if len(event) != 3 or event[0] != 1:
+        raise ValueError(f"{folder}: the prior's samples have shape {event}: not an MRI prior (expected (1, S, S))")
+    x, source = _read_input(args, event[-1])
+    out = reconstruct(pipeline, x, args.acceleration, args.samples, args.seed, args.noise_std, args.steps, args.maxiter)
+    target = Path(args.output_dir)
+    target.mkdir(parents=True, exist_ok=True)
+    for name, key in (("posterior_mean", "mean"), ("posterior_std", "std"), ("zero_filled", "zero_filled"),
+                      ("reference", "reference"), ("mask", "mask")):
+        np.save(target / f"{name}.npy", out[key].numpy())
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [("mask", out["mask"].float()[None].expand(event[-1], -1), "gray", 1.0),
+              ("zero-filled", out["zero_filled"], "gray", None), ("posterior mean", out["mean"], "gray", None),
+              ("posterior std", out["std"], "magma", None), ("fully sampled", out["reference"], "gray", None)]
+    vmax = float(out["reference"].max())
+    fig, axes = plt.subplots(1, len(panels), figsize=(2.2 * len(panels), 2.6))
+    for ax, (title, image, cmap, top) in zip(axes, panels):
+        ax.imshow(image.numpy(), cmap=cmap, vmin=0, vmax=top if top is not None or cmap != "gray" else vmax)
+        ax.set_title(title, fontsize=8), ax.set_xticks([]), ax.set_yticks([])
+    fig.suptitle(f"R = {args.acceleration:g} ({args.samples} posterior samples)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(target / "reconstruction.png", dpi=120)
+    plt.close(fig)
+
+    ref = out["reference"][None]
+
+    def score(image):
+        return {"psnr": float(psnr(image[None], ref, data_range=1.0)[0]),
+                "ssim": float(ssim(image[None], ref, data_range=1.0, gaussian_kernel=False, kernel_size=7)[0])}
+
+    summary = {"prior": str(folder), "input": source, "acceleration": args.acceleration,
+               "effective_acceleration": out["effective_acceleration"], "samples": args.samples,
+               "posterior_mean": score(out["mean"]), "zero_filled": score(out["zero_filled"]),
+               "output_dir": str(target)}
+    print(json.dumps(summary))
+    return 0

@@ -1,0 +1,283 @@
+"""Write tables/mri.md, figures/mri.png and figures/mri_laps.png from an MRI run.
+
+    python experiments/mri/report.py RUN_DIR [--table tables/mri.md] [--figure figures/mri.png]
+        [--laps-figure figures/mri_laps.png] [--results-dir experiments/mri/results] [--slice 6]
+
+RUN_DIR is a run folder (``config.yaml``, ``metrics.jsonl``, ``eval/lap_KK.pt``) or a
+results folder written by this script (``config.yaml``, ``metrics.jsonl``,
+``figure_data.pt``). Every number comes from ``metrics.jsonl``; the images come from the
+per-lap evaluation artifacts (held-out slices: masks, zero-filled images, posterior samples,
+means and standard deviations, ground truth). Unless the profile is ``smoke``, the run's
+``config.yaml``, ``metrics.jsonl`` and the few images of the figures (``figure_data.pt``)
+are copied to ``<results-dir>/<profile>/``, from which this script regenerates everything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import torch
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+sys.path.insert(0, str(HERE.parent))
+from common import fmt, hardware, read_run, save_figure  # noqa: E402
+
+from diffem.tasks.mri import MriTask  # noqa: E402
+
+FIGURE_R = ("4", "8", "16", "32")  # the paper's figure rows
+LAPS_R = "8"
+FIGURE_DATA = "figure_data.pt"
+
+
+def _magnitude(x: torch.Tensor) -> torch.Tensor:
+    return ((x.float() + 2).abs() / 4).squeeze()
+
+
+def figure_data(run_dir: Path, records: list[dict], slice_index: int) -> dict | None:
+    """The images of both figures for one held-out slice, from a run's artifacts or a results folder."""
+    saved = run_dir / FIGURE_DATA
+    if saved.exists():
+        return torch.load(saved, map_location="cpu")
+    arts = {}
+    for r in records:
+        path = run_dir / "eval" / f"lap_{r['lap']:02d}.pt"
+        if path.exists():
+            arts[r["lap"]] = torch.load(path, map_location="cpu", weights_only=False)
+    if not arts:
+        return None
+    last = max(arts)
+    i = min(slice_index, len(arts[last]["truth"]) - 1)
+    out = {"slice": i, "last_lap": last, "truth": _magnitude(arts[last]["truth"][i]), "accelerations": {}, "laps": {}}
+    for R, a in arts[last]["accelerations"].items():
+        out["accelerations"][R] = {
+            "mask": a["mask"][i].clone(),
+            "zero_filled": _magnitude(a["zero_filled"][i]),
+            "samples": torch.stack([_magnitude(s) for s in a["samples"][i]]),
+            "mean": _magnitude(a["mean"][i]),
+            "std": None if a.get("std") is None else a["std"][i].float().clone(),
+        }
+    for lap, art in sorted(arts.items()):
+        a = art["accelerations"].get(LAPS_R)
+        if a is not None:
+            out["laps"][lap] = {"sample": _magnitude(a["samples"][i][0]), "mean": _magnitude(a["mean"][i]),
+                                "std": None if a.get("std") is None else a["std"][i].float().clone(),
+                                "zero_filled": _magnitude(a["zero_filled"][i])}
+    return out
+
+
+# -- table ---------------------------------------------------------------------------------------
+def _wall(records: list[dict]) -> float:
+    return sum(r.get("estep_time_s", 0) + r.get("mstep_time_s", 0) + (r.get("eval_time_s") or 0) for r in records)
+
+
+def _evaluated(records: list[dict]) -> list[dict]:
+    return [r for r in records if r.get("accelerations")]
+
+
+def _settings(config: dict, records: list[dict]) -> list[str]:
+    e, m, l0, net = (config[k] for k in ("estep", "mstep", "lap0", "network"))
+    d = MriTask.data_defaults | config["data"]  # a config lists only the keys it sets
+    obs = next((r.get("observations") for r in records if r.get("observations")), None)
+    source = ("slices of two real brain MRI volumes (ICBM152 2009a average, Colin27), three orientations, "
+              "near-empty slices dropped" if d["kind"] == "brain" else "fastMRI single-coil knee `reconstruction_rss` "
+              "slices 10-39")
+    steps = f"{m['epochs']:g} epochs" if m.get("epochs") else f"{m['steps']} steps"
+    overrides = ", ".join(f"{k}={v}" for k, v in net.items() if k != "preset" and v is not None)
+    lines = [
+        f"- profile: `{config['profile']}`; {obs} observations y = M (FFT2c(x) + sigma_y e), sigma_y = {d['noise_std']}, "
+        f"one random column mask M per slice at R = {d['acceleration']:g} (the fastMRI mask scaled to {d['size']} columns); "
+        f"images: {source}, {d['size']}x{d['size']}, each volume divided by its maximum and mapped to [-2, 2]; "
+        "the prior never sees a clean image",
+        f"- evaluation: {records[0].get('eval_slices', d['eval_slices']) if records else d['eval_slices']} held-out "
+        "slices" + (f" (a contiguous axial slab {d['holdout']} of each volume; no training slice touches it)"
+                    if d["kind"] == "brain" else "") +
+        f", observed at every R through fixed seeded masks (the same at every lap); {d['posterior_samples']} posterior "
+        f"samples each (MMPS, {d['posterior_method'].upper()} {d['posterior_steps']} steps, CG {d['posterior_maxiter']})",
+        "- metrics on magnitude images |x + 2| / 4 with the volume's maximum (1) as data range (fastMRI's convention): "
+        "PSNR (dB), SSIM (7x7 uniform window, torchmetrics), NMSE; `zero-filled` is the pseudo-inverse A+ y "
+        "(the zero-filled inverse FFT with the columns whose mirror is missing counted twice); "
+        "`DC` is the data consistency ||A x - y|| / ||y|| (its noise floor is given); `std` the mean posterior "
+        "standard deviation (magnitude units)",
+        f"- lap 0: Gaussian of rank {l0['rank']} fitted by {l0['iterations']} EM iterations on {l0['observations']} "
+        f"observations (MMPS E-step, {l0['steps']} steps, CG {l0['maxiter']}); {config['laps']} EM laps after it",
+        f"- network: pixel-unshuffle U-Net `{net.get('preset')}`" + (f" ({overrides})" if overrides else ""),
+        f"- E-step: MMPS, {e['method'].upper()} {e['steps']} steps, CG {e['maxiter']}, {d.get('duplicate', 1)} sample(s) "
+        f"per observation; M-step: {steps} of batch {m['batch_size']} a lap, Adam {m['lr']:g}"
+        + (f" -> {m['lr_end']:g}" if m.get("lr_end") else "") + f", clip {m['grad_clip']:g}, EMA {m['ema_decay']:g}, "
+        + (f"flips and shifts of up to {d.get('shift')} px" if m.get("augment") else "no augmentation"),
+        f"- hardware: {hardware(records)}",
+        f"- wall time of the laps (E-step + M-step + evaluation): {_wall(records) / 60:.1f} min",
+        "- the paper (Rozet et al. 2024, Section 5.3) published no MRI numbers, only a figure of posterior samples "
+        "at R = 4, 8, 16, 32: this table has nothing to compare with",
+        "- a real image's spectrum is conjugate-symmetric, so a sampled column also tells its mirror: the effective "
+        "acceleration HW / rank(A) (column `R eff.`) is milder than the nominal R (fraction of columns kept), "
+        "by up to a factor 2",
+    ]
+    return lines
+
+
+def write_table(config: dict, records: list[dict], path: Path, run_dir: Path) -> None:
+    evaluated = _evaluated(records)
+    lines = ["# Accelerated MRI from undersampled k-space only: reconstructions of held-out slices by EM lap", "",
+             "Generated by `experiments/mri/report.py` from the run's `metrics.jsonl`; do not edit by hand.", ""]
+    lines += _settings(config, records)
+    done = max((r["lap"] for r in records), default=-1)
+    status = "done" if done >= config["laps"] else f"partial ({done} of {config['laps']} laps)"
+    lines += ["", f"Run: `{run_dir}`, {status}.", ""]
+    if not evaluated:
+        lines.append("No evaluated lap.")
+    else:
+        first, last = evaluated[0], evaluated[-1]
+        lines += [
+            "## Summary: zero-filled, lap 0 (Gaussian) and the last lap (posterior mean)",
+            "",
+            f"| R | R eff. | kept columns | PSNR zero-filled | PSNR lap {first['lap']} | PSNR lap {last['lap']} "
+            f"| SSIM zero-filled | SSIM lap {first['lap']} | SSIM lap {last['lap']} | NMSE lap {last['lap']} "
+            f"| std lap {last['lap']} |",
+            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for R, m in last["accelerations"].items():
+            f = first["accelerations"].get(R, {})
+            lines.append(
+                f"| {R} | {fmt(m.get('effective_acceleration'))} | {100 * m.get('kept_fraction', 0):.1f} % | "
+                f"{fmt(m['psnr_zero_filled'])} | {fmt(f.get('psnr_posterior_mean'))} | {fmt(m['psnr_posterior_mean'])} | "
+                f"{fmt(m['ssim_zero_filled'])} | {fmt(f.get('ssim_posterior_mean'))} | {fmt(m['ssim_posterior_mean'])} | "
+                f"{fmt(m['nmse_posterior_mean'])} | {fmt(m.get('posterior_std'))} |"
+            )
+        lines += ["", "## Every evaluated lap", ""]
+        for R in last["accelerations"]:
+            lines += [
+                f"### R = {R}", "",
+                "| lap | prior | PSNR zero-filled | PSNR 1 sample | PSNR mean | SSIM zero-filled | SSIM 1 sample "
+                "| SSIM mean | NMSE zero-filled | NMSE mean | std | DC zero-filled | DC 1 sample | DC mean | DC noise floor |",
+                "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+            ]
+            for r in evaluated:
+                m = r["accelerations"].get(R)
+                if m is None:
+                    continue
+                prior = "Gaussian (EM fit)" if r["lap"] == 0 else "diffusion (U-Net)"
+                lines.append(
+                    f"| {r['lap']} | {prior} | {fmt(m['psnr_zero_filled'])} | {fmt(m['psnr_posterior_sample'])} | "
+                    f"{fmt(m['psnr_posterior_mean'])} | {fmt(m['ssim_zero_filled'])} | {fmt(m['ssim_posterior_sample'])} | "
+                    f"{fmt(m['ssim_posterior_mean'])} | {fmt(m['nmse_zero_filled'])} | {fmt(m['nmse_posterior_mean'])} | "
+                    f"{fmt(m.get('posterior_std'))} | {fmt(m['data_consistency_zero_filled'])} | "
+                    f"{fmt(m['data_consistency_posterior_sample'])} | {fmt(m['data_consistency_posterior_mean'])} | "
+                    f"{fmt(m['noise_floor'])} |"
+                )
+            lines.append("")
+    lines += ["## Time per lap", "", "| lap | E-step (s) | M-step (s) | evaluation (s) | train loss |", "|---:|---:|---:|---:|---:|"]
+    for r in records:
+        lines.append(f"| {r['lap']} | {fmt(r.get('estep_time_s'))} | {fmt(r.get('mstep_time_s'))} | "
+                     f"{fmt(r.get('eval_time_s'))} | {fmt(r.get('train_loss'))} |")
+    lines.append("")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines))
+
+
+# -- figures -------------------------------------------------------------------------------------
+def _show(ax, image, title=None, cmap="gray", vmax=None):
+    ax.imshow(image.numpy(), cmap=cmap, vmin=0, vmax=vmax, interpolation="nearest")
+    ax.set_xticks([]), ax.set_yticks([])
+    if title:
+        ax.set_title(title, fontsize=8)
+
+
+def _blank(path: Path, title: str) -> None:
+    fig, ax = plt.subplots(figsize=(4, 1.5))
+    ax.text(0.5, 0.5, "no evaluation artifacts", ha="center", va="center")
+    ax.axis("off")
+    save_figure(fig, path, title)
+
+
+def write_figure(data: dict | None, path: Path) -> None:
+    title = "MRI: posterior samples of a held-out slice from undersampled k-space"
+    if data is None:
+        return _blank(path, title)
+    rows = [R for R in FIGURE_R if R in data["accelerations"]]
+    truth = data["truth"]
+    vmax = float(truth.max())
+    std_max = max([float(data["accelerations"][R]["std"].max()) for R in rows if data["accelerations"][R]["std"] is not None]
+                  or [1.0])
+    cols = ["mask", "zero-filled (A+ y)", "sample 1", "sample 2", "posterior std", "ground truth"]
+    fig, axes = plt.subplots(len(rows), len(cols), figsize=(1.7 * len(cols), 1.75 * len(rows) + 0.4), squeeze=False)
+    for row, R in zip(axes, rows):
+        a = data["accelerations"][R]
+        size = truth.shape[-1]
+        mask_image = a["mask"].float()[None, :].expand(size, -1)
+        _show(row[0], mask_image, vmax=1)
+        _show(row[1], a["zero_filled"], vmax=vmax)
+        _show(row[2], a["samples"][0], vmax=vmax)
+        _show(row[3], a["samples"][min(1, len(a["samples"]) - 1)], vmax=vmax)
+        if a["std"] is not None:
+            _show(row[4], a["std"], cmap="magma", vmax=std_max)
+        else:
+            row[4].axis("off")
+        _show(row[5], truth, vmax=vmax)
+        row[0].set_ylabel(f"R = {R}", fontsize=9)
+    for ax, name in zip(axes[0], cols):
+        ax.set_title(name, fontsize=8)
+    save_figure(fig, path, f"{title} (lap {data['last_lap']}; std scale 0-{std_max:.2f})", dpi=130, fontsize=9)
+
+
+def write_laps_figure(data: dict | None, path: Path) -> None:
+    title = f"MRI: one held-out slice at R = {LAPS_R} across EM laps"
+    if data is None or not data.get("laps"):
+        return _blank(path, title)
+    laps = sorted(data["laps"])
+    truth = data["truth"]
+    vmax = float(truth.max())
+    fig, axes = plt.subplots(2, len(laps) + 2, figsize=(1.7 * (len(laps) + 2), 3.9), squeeze=False)
+    first = data["laps"][laps[0]]
+    _show(axes[0, 0], truth, "ground truth", vmax=vmax)
+    _show(axes[1, 0], first["zero_filled"], "zero-filled", vmax=vmax)
+    axes[0, 1].axis("off"), axes[1, 1].axis("off")
+    axes[0, 1].text(0.5, 0.5, "one posterior\nsample", ha="center", va="center", fontsize=8)
+    axes[1, 1].text(0.5, 0.5, "posterior mean", ha="center", va="center", fontsize=8)
+    for j, lap in enumerate(laps):
+        entry = data["laps"][lap]
+        err = lambda x: 10 * torch.log10(1 / (x - truth).square().mean()).item()  # noqa: E731
+        name = "Gaussian" if lap == 0 else "U-Net"
+        _show(axes[0, j + 2], entry["sample"], f"lap {lap} ({name})\n{err(entry['sample']):.1f} dB", vmax=vmax)
+        _show(axes[1, j + 2], entry["mean"], f"{err(entry['mean']):.1f} dB", vmax=vmax)
+    save_figure(fig, path, title + " (PSNR of this slice)", dpi=130, fontsize=9)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("--table", type=Path, default=ROOT / "tables" / "mri.md")
+    parser.add_argument("--figure", type=Path, default=ROOT / "figures" / "mri.png")
+    parser.add_argument("--laps-figure", type=Path, default=None, help="default: <figure stem>_laps.png")
+    parser.add_argument("--results-dir", type=Path, default=HERE / "results")
+    parser.add_argument("--slice", type=int, default=6, help="held-out slice shown in the figures (index among the evaluated ones)")
+    args = parser.parse_args(argv)
+    laps_figure = args.laps_figure or args.figure.with_name(args.figure.stem + "_laps" + args.figure.suffix)
+    config, records = read_run(args.run_dir)
+    if config.get("experiment") != "mri":
+        raise SystemExit(f"`{args.run_dir}` is a {config.get('experiment')!r} run, not mri")
+    data = figure_data(args.run_dir, records, args.slice)
+    write_table(config, records, args.table, args.run_dir)
+    write_figure(data, args.figure)
+    write_laps_figure(data, laps_figure)
+    if config["profile"] != "smoke":
+        target = args.results_dir / config["profile"]
+        if target.resolve() != args.run_dir.resolve():
+            target.mkdir(parents=True, exist_ok=True)
+            for name in ("config.yaml", "metrics.jsonl"):
+                (target / name).write_text((args.run_dir / name).read_text())
+            if data is not None:
+                torch.save(data, target / FIGURE_DATA)
+    print(f"wrote {args.table}, {args.figure} and {laps_figure}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

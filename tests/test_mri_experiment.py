@@ -1,0 +1,330 @@
+"""The MRI experiment: pixel-unshuffle U-Net, task, smoke run end to end (CLI), report, `diffem reconstruct`."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import datasets
+import numpy as np
+import pytest
+import torch
+
+from diffem.config import ConfigError, load_config
+from diffem.data.mri import BRAIN_VOLUMES, DEFAULT_MRI_DIR
+from diffem.denoiser import Denoiser
+from diffem.em import EMTrainer, lap_dir
+from diffem.networks import UNSHUFFLE_PRESETS, PixelUnshuffleUNet, build_unshuffle_unet
+from diffem.operators import SubsampledFourier
+from diffem.pipeline import DiffusionPriorPipeline, denoiser_of, event_shape_of
+from diffem.scheduler import VEScheduler
+from diffem.tasks import ObservationSet, get_task
+from diffem.tasks.mri import MriTask, observe_kspace, random_flip_shift
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = os.environ | {"OMP_NUM_THREADS": "1"}
+needs_brains = pytest.mark.skipif(
+    not all((DEFAULT_MRI_DIR / f).is_file() for f in BRAIN_VOLUMES.values()),
+    reason=f"offline brain volumes not found in {DEFAULT_MRI_DIR}",
+)
+h5py = pytest.importorskip("h5py")
+
+
+def _cli(*args, cwd=ROOT):
+    return subprocess.run([sys.executable, "-m", "diffem.cli", *args], cwd=cwd, capture_output=True, text=True, env=ENV)
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    """The smoke profile through the command users run."""
+    out = tmp_path_factory.mktemp("mri-smoke")
+    proc = _cli("train", "mri", "--profile", "smoke", "--output-dir", str(out), "--no-progress")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+# -- network ---------------------------------------------------------------------------------------
+def test_unshuffle_unet_shapes_and_save_load(tmp_path):
+    net = build_unshuffle_unet("tiny", sample_size=16, seed=3)
+    assert isinstance(net, PixelUnshuffleUNet) and event_shape_of(net) == (1, 16, 16)
+    assert net.unet.config.sample_size == 8 and net.unet.config.in_channels == 4  # 2x2 unshuffle
+    x, c = torch.randn(3, 1, 16, 16), torch.randn(3)
+    out = net(x, c)
+    assert out.shape == x.shape
+    pipe = DiffusionPriorPipeline(net, VEScheduler())
+    pipe.save_pretrained(tmp_path / "prior")
+    loaded = DiffusionPriorPipeline.from_pretrained(tmp_path / "prior").unet
+    assert isinstance(loaded, PixelUnshuffleUNet)
+    torch.testing.assert_close(loaded(x, c), out)
+    assert denoiser_of(loaded)(x, torch.full((3,), 0.5)).shape == x.shape
+    same = build_unshuffle_unet("tiny", sample_size=16, seed=3)
+    torch.testing.assert_close(same(x, c), out)  # seeded initialisation
+
+
+def test_unshuffle_is_a_pure_rearrangement():
+    """Pixel (i, j) of the image sits in channel (i % f) f + j % f of cell (i // f, j // f)."""
+    net = build_unshuffle_unet("tiny", sample_size=8)
+    x = torch.arange(64.0).reshape(1, 1, 8, 8)
+    h = net.unshuffle(x)
+    assert h.shape == (1, 4, 4, 4)
+    assert h[0, 1, 2, 3] == x[0, 0, 4, 7] and h[0, 2, 1, 0] == x[0, 0, 3, 0]
+    torch.testing.assert_close(net.shuffle(h), x)
+
+
+def test_paper_preset_matches_the_authors_network():
+    spec = UNSHUFFLE_PRESETS["paper"]
+    assert spec["factor"] == 4 and tuple(spec["block_out_channels"]) == (128, 256, 384, 512)
+    assert spec["layers_per_block"] == 3 and spec["dropout"] == 0.1
+    net = PixelUnshuffleUNet(sample_size=320, **spec)
+    cfg = net.unet.config
+    assert cfg.sample_size == 80 and cfg.in_channels == 16 and cfg.out_channels == 16
+    # attention only at the 4th level: 80 -> 40 -> 20 -> 10
+    assert list(cfg.down_block_types) == ["DownBlock2D"] * 3 + ["AttnDownBlock2D"]
+    with pytest.raises(ValueError, match="divide"):
+        PixelUnshuffleUNet(sample_size=30, factor=4)
+    with pytest.raises(ValueError, match="preset"):
+        build_unshuffle_unet("huge")
+
+
+# -- observations ----------------------------------------------------------------------------------
+def test_observations_are_replayable_and_zero_off_the_mask():
+    x = torch.rand(6, 1, 16, 16) * 4 - 2
+    y, mask = observe_kspace(x, 6, 0.01, seed=2, stream=0, indices=range(6))
+    y2, mask2 = observe_kspace(x[3:], 6, 0.01, seed=2, stream=0, indices=range(3, 6))
+    torch.testing.assert_close(y[3:], y2, rtol=0, atol=0)
+    assert torch.equal(mask[3:], mask2)
+    assert (y * ~mask[:, None, None, :]).abs().max() == 0  # unobserved columns hold nothing
+    noise = y - SubsampledFourier(mask)(x)
+    assert 0.008 < noise[mask[:, None, None, :].expand_as(noise)].std() < 0.012  # sigma_y = 0.01 on observed entries
+    y3, _ = observe_kspace(x, 6, 0.01, seed=3, stream=0, indices=range(6))
+    assert not torch.equal(y, y3)
+
+
+def test_augmentation_pads_with_background():
+    x = torch.rand(64, 1, 8, 8)
+    out = random_flip_shift(x, torch.Generator().manual_seed(0), shift=2)
+    again = random_flip_shift(x, torch.Generator().manual_seed(0), shift=2)
+    assert torch.equal(out, again) and out.shape == x.shape
+    assert ((out == -2) | torch.isin(out, x)).all()  # nothing new but the background
+    assert (out == -2).any()
+
+
+# -- the smoke run -----------------------------------------------------------------------------------
+@needs_brains
+def test_smoke_run_end_to_end(smoke_run):
+    out = smoke_run
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["lap"] for r in records] == [0, 1, 2]
+    for k in range(3):
+        assert (lap_dir(out, k) / "model_index.json").exists()
+    unet = json.loads((lap_dir(out, 2) / "unet" / "config.json").read_text())
+    assert unet["_class_name"] == "PixelUnshuffleUNet" and unet["sample_size"] == 16
+    evaluated = [r for r in records if "accelerations" in r]
+    assert [r["lap"] for r in evaluated] == [0, 2]
+    for r in evaluated:
+        assert sorted(r["accelerations"], key=float) == ["4", "6", "8", "16", "32"]
+        for R, m in r["accelerations"].items():
+            for key in ("psnr", "ssim", "nmse"):
+                for est in ("zero_filled", "posterior_sample", "posterior_mean"):
+                    assert np.isfinite(m[f"{key}_{est}"])
+            assert m["posterior_std"] > 0 and m["noise_floor"] > 0
+            # conjugate symmetry: the effective acceleration is milder than the nominal one
+            assert 1 <= m["effective_acceleration"] <= 1 / m["kept_fraction"] + 1e-9
+            assert m["data_consistency_zero_filled"] < 0.05  # A A+ y = y up to the noise of y
+        # The fixed evaluation masks: the same zero-filled images at every lap.
+        assert r["accelerations"]["8"]["psnr_zero_filled"] == evaluated[0]["accelerations"]["8"]["psnr_zero_filled"]
+        art = torch.load(out / "eval" / f"lap_{r['lap']:02d}.pt", weights_only=False)
+        assert art["truth"].shape == (2, 1, 16, 16) and art["accelerations"]["8"]["samples"].shape == (2, 2, 1, 16, 16)
+    assert not (out / "work" / "lap_02").exists()
+
+
+@needs_brains
+def test_observation_set_holds_only_y_and_mask(smoke_run):
+    out = smoke_run
+    ds = datasets.load_from_disk(str(out / "observations"))
+    assert sorted(ds.column_names) == ["mask", "y"]
+    config = load_config("mri", "smoke", overrides=[f"output_dir={out}"])
+    obs = get_task(config).observations(out)
+    assert isinstance(obs, ObservationSet) and set(vars(obs)) == {"y", "operator", "noise_std", "event_shape"}
+    assert obs.y.shape == (48, 2, 16, 16) and obs.noise_std == 0.01 and obs.event_shape == (1, 16, 16)
+    assert isinstance(obs.operator, SubsampledFourier) and obs.operator.mask.shape == (48, 16)
+
+
+@needs_brains
+def test_ground_truth_never_enters_training(smoke_run, tmp_path, monkeypatch):
+    """Once the observations exist, laps run with every path to clean images cut."""
+    config = load_config("mri", "smoke", overrides=[f"output_dir={tmp_path}", "laps=2", "eval.samples=0"])
+    get_task(config).observations(tmp_path)  # built from the clean images, once
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("a clean image was read during training")
+
+    import diffem.data.mri as data_mri
+
+    monkeypatch.setattr(MriTask, "clean_images", forbidden)
+    monkeypatch.setattr(MriTask, "_slices", forbidden)
+    for name in ("load_brain_slices", "load_fastmri", "brain_volume_slices", "read_fastmri_file"):
+        monkeypatch.setattr(data_mri, name, forbidden)
+    records = EMTrainer(config, progress=False).run()
+    assert [r["lap"] for r in records] == [0, 1, 2]
+    with pytest.raises(AssertionError, match="clean image"):
+        get_task(config).clean_images("train")
+
+
+@needs_brains
+def test_report_on_the_smoke_run(smoke_run, tmp_path):
+    table, figure, results = tmp_path / "mri.md", tmp_path / "mri.png", tmp_path / "results"
+    proc = subprocess.run(
+        [sys.executable, "experiments/mri/report.py", str(smoke_run), "--table", str(table), "--figure", str(figure),
+         "--results-dir", str(results), "--slice", "1"], cwd=ROOT, capture_output=True, text=True, env=ENV,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    text = table.read_text()
+    assert "published no MRI numbers" in text and "conjugate-symmetric" in text
+    for R in ("4", "6", "8", "16", "32"):
+        assert f"\n| {R} |" in text and f"### R = {R}" in text
+    assert "| 0 | Gaussian (EM fit) |" in text and "| 2 | diffusion (U-Net) |" in text
+    assert figure.stat().st_size > 0 and (tmp_path / "mri_laps.png").stat().st_size > 0
+    assert not results.exists()  # smoke runs are not copied to the results folder
+
+
+@needs_brains
+def test_report_regenerates_from_its_results_folder(smoke_run, tmp_path):
+    """A non-smoke copy of the run: the results folder alone regenerates the same table."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(smoke_run, run)
+    cfg = (run / "config.yaml").read_text().replace("profile: smoke", "profile: cpu")
+    (run / "config.yaml").write_text(cfg)
+    results = tmp_path / "results"
+
+    def report(source, name):
+        proc = subprocess.run(
+            [sys.executable, "experiments/mri/report.py", str(source), "--table", str(tmp_path / f"{name}.md"),
+             "--figure", str(tmp_path / f"{name}.png"), "--results-dir", str(results)],
+            cwd=ROOT, capture_output=True, text=True, env=ENV)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return (tmp_path / f"{name}.md").read_text()
+
+    first = report(run, "a")
+    assert sorted(p.name for p in (results / "cpu").iterdir()) == ["config.yaml", "figure_data.pt", "metrics.jsonl"]
+    second = report(results / "cpu", "b")
+    strip = lambda text: [line for line in text.splitlines() if not line.startswith("Run: ")]  # noqa: E731
+    assert strip(first) == strip(second)
+
+
+# -- configuration ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("override, key", [
+    ("data.kind=knee", "data.kind"),
+    ("data.acceleration=0.5", "data.acceleration"),
+    ("data.noise_std=0", "data.noise_std"),
+    ("data.eval_accelerations=[]", "data.eval_accelerations"),
+    ("data.holdout=[0.7,0.6]", "data.holdout"),
+    ("data.size=17", "data.size"),
+    ("data.path=/no/such/folder", "data.path"),
+    ("data.bogus=1", "data.bogus"),
+    ("network.preset=huge", "network.preset"),
+])
+def test_bad_config_fails_before_work(tmp_path, override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        get_task(load_config("mri", "smoke", overrides=[f"output_dir={tmp_path}", override]))
+    assert not any(tmp_path.iterdir())
+
+
+def test_profiles_resolve():
+    paper = load_config("mri", "paper", overrides=["data.path=/tmp"])
+    assert paper.laps == 16 and paper.network["preset"] == "paper"
+    assert (paper.mstep.epochs, paper.mstep.batch_size, paper.mstep.lr, paper.mstep.ema_decay) == (64, 256, 1e-4, 0.999)
+    assert (paper.estep.method, paper.estep.steps, paper.estep.maxiter) == ("ddpm", 64, 3)
+    assert (paper.lap0.rank, paper.lap0.observations) == (64, 4096)
+    assert paper.data["acceleration"] == 6 and paper.data["noise_std"] == 0.01 and paper.data["size"] == 320
+    assert paper.data["duplicate"] == 2 and paper.data["shift"] == 4
+    cpu = get_task(load_config("mri", "cpu"))
+    assert cpu.data["acceleration"] == 6 and cpu.data["eval_accelerations"] == [4, 6, 8, 16, 32]
+    assert cpu.data["posterior_samples"] >= 4
+
+
+def test_paper_profile_needs_a_fastmri_folder(tmp_path):
+    proc = _cli("train", "mri", "--profile", "paper", "--output-dir", str(tmp_path / "run"), "--dry-run")
+    assert proc.returncode == 2 and "data.path" in proc.stderr
+
+
+def _knee_folder(root: Path, files: int = 3, side: int = 32) -> Path:
+    from test_data_mri import write_fastmri
+
+    folder = root / "knee"
+    folder.mkdir()
+    for i in range(files):
+        write_fastmri(folder / f"file{i}.h5", slices=13, side=side, seed=i)
+    return folder
+
+
+def test_paper_profile_runs_one_step(tmp_path):
+    """The `paper` profile's own network, sampler and fastMRI loader on synthetic .h5 files, shrunk to one step."""
+    folder = _knee_folder(tmp_path)
+    common = [f"data.path={folder}", "data.eval_volumes=1", f"data.cache_dir={tmp_path / 'cache'}"]
+    dry = _cli("train", "mri", "--profile", "paper", "--output-dir", str(tmp_path / "run"), "--dry-run", "--set", *common)
+    assert dry.returncode == 0, dry.stderr[-2000:]
+    assert "kind: fastmri" in dry.stdout and "preset: paper" in dry.stdout
+    overrides = common + [
+        f"output_dir={tmp_path / 'run'}", "laps=1", "data.size=32", "data.eval_slices=1", "data.posterior_samples=1",
+        "data.posterior_steps=1", "data.posterior_maxiter=1", "data.eval_accelerations=[8]",
+        "lap0.observations=6", "lap0.iterations=1", "lap0.steps=2", "lap0.rank=2", "lap0.maxiter=1",
+        "estep.steps=1", "estep.batch_size=6", "mstep.epochs=0", "mstep.steps=1", "mstep.batch_size=2",
+        "mstep.checkpoint_every=1", "eval.samples=1", "eval.steps=1", "eval.batch_size=1",
+    ]
+    config = load_config("mri", "paper", overrides=overrides)
+    records = EMTrainer(config, progress=False).run()
+    assert [r["lap"] for r in records] == [0, 1]
+    assert records[1]["observations"] == 2 * 6  # 2 training files x 3 kept slices, each observed twice
+    unet = json.loads((lap_dir(tmp_path / "run", 1) / "unet" / "config.json").read_text())
+    assert unet["factor"] == 4 and list(unet["block_out_channels"]) == [128, 256, 384, 512]
+    assert all(np.isfinite(r["accelerations"]["8"]["psnr_posterior_mean"]) for r in records)
+
+
+# -- diffem reconstruct ------------------------------------------------------------------------------
+@needs_brains
+def test_reconstruct_from_npy_nifti_and_h5(smoke_run, tmp_path):
+    import nibabel as nib
+
+    rng = np.random.default_rng(0)
+    image = np.zeros((24, 24), np.float32)
+    image[4:20, 6:18] = rng.uniform(0.5, 1.0, (16, 12))
+    np.save(tmp_path / "slice.npy", image)
+    nib.save(nib.Nifti1Image(np.stack([image.T] * 5, axis=-1), np.eye(4)), tmp_path / "vol.nii.gz")
+    from test_data_mri import write_fastmri
+
+    write_fastmri(tmp_path / "knee.h5", slices=3, side=16)
+    for flag, path in (("--npy", "slice.npy"), ("--nifti", "vol.nii.gz"), ("--h5", "knee.h5")):
+        out = tmp_path / f"out{flag}"
+        proc = _cli("reconstruct", str(smoke_run), flag, str(tmp_path / path), "--acceleration", "8", "--samples", "2",
+                    "--steps", "2", "--maxiter", "1", "--output-dir", str(out))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        summary = json.loads(proc.stdout.strip().splitlines()[-1])
+        assert summary["prior"].endswith("lap_02") and summary["samples"] == 2
+        mean, std = np.load(out / "posterior_mean.npy"), np.load(out / "posterior_std.npy")
+        assert mean.shape == std.shape == (16, 16) and (std >= 0).all() and std.max() > 0
+        assert np.load(out / "mask.npy").dtype == bool and (out / "reconstruction.png").stat().st_size > 0
+        assert summary["zero_filled"]["psnr"] > 15  # A+ y keeps the observed k-space
+
+
+def test_reconstruct_errors(smoke_run, tmp_path):
+    from test_data_mri import write_fastmri
+
+    write_fastmri(tmp_path / "nokspace.h5", slices=3, kspace=None)
+    write_fastmri(tmp_path / "flat.h5", slices=3, kspace=np.ones((16, 16), np.complex64))
+    bad = np.ones((3, 16, 16), np.complex64)
+    bad[1, 2, 3] = np.nan
+    write_fastmri(tmp_path / "nan.h5", slices=3, kspace=bad)
+    np.save(tmp_path / "four.npy", np.ones((2, 2, 2, 2), np.float32))
+    cases = [("--h5", "nokspace.h5", "no 'kspace'"), ("--h5", "flat.h5", "expected (slices, height, width)"),
+             ("--h5", "nan.h5", "NaN or inf"), ("--npy", "four.npy", "got shape (2, 2, 2, 2)"),
+             ("--npy", "missing.npy", "not found")]
+    for flag, name, message in cases:
+        proc = _cli("reconstruct", str(smoke_run), flag, str(tmp_path / name), "--output-dir", str(tmp_path / "o"))
+        assert proc.returncode == 2 and message in proc.stderr, (name, proc.stderr[-2000:])
+    proc = _cli("reconstruct", str(tmp_path), "--npy", str(tmp_path / "four.npy"))
+    assert proc.returncode == 2 and "neither a saved prior" in proc.stderr
+    assert not (tmp_path / "o").exists()
