@@ -69,6 +69,8 @@ __all__ = [
     "build_repo_folder",
     "check_repo_folder",
     "load_prior",
+    "load_published",
+    "published_index",
     "publish",
     "push_after_lap",
 ]
@@ -829,6 +831,61 @@ def load_prior(path_or_repo_id, revision: str | None = None, token: str | None =
         components[name] = klass.from_pretrained(folder, subfolder=name, **safe)
     pipe = DiffusionPriorPipeline(**components)
     return pipe.to(device) if device is not None else pipe
+
+
+_LOAD_KWARGS = ("revision", "token", "cache_dir", "local_files_only")
+
+
+def published_index(path_or_repo_id, revision: str | None = None, token: str | None = None, cache_dir=None,
+                    local_files_only: bool = False) -> dict | None:
+    """The ``model_index.json`` of a folder or Hub repo written by ``diffem publish``, else ``None``.
+
+    Published: ``_class_name`` is ``["diffem_pipeline", ...]`` (see :func:`build_repo_folder`). A
+    Hub repo id costs one ``model_index.json`` download (or a cache hit).
+    """
+    folder = Path(path_or_repo_id)
+    if folder.is_dir():
+        if not (folder / "model_index.json").is_file():
+            return None
+        index = json.loads((folder / "model_index.json").read_text())
+    else:
+        try:
+            check_repo_id(str(path_or_repo_id))
+        except PublishError:
+            return None
+        from huggingface_hub import hf_hub_download
+
+        path = hf_hub_download(str(path_or_repo_id), "model_index.json", revision=revision, token=token,
+                               cache_dir=cache_dir, local_files_only=local_files_only)
+        index = json.loads(Path(path).read_text())
+    name = index.get("_class_name")
+    return index if isinstance(name, list) and name[:1] == [PIPELINE_MODULE] else None
+
+
+def load_published(path_or_repo_id, **kwargs):
+    """:func:`load_prior` for a folder or repo written by ``diffem publish``; ``None`` for anything else.
+
+    Meant for ``DiffusionPriorPipeline.from_pretrained``, so that diffem's own class loads a
+    published prior without ``trust_remote_code`` (diffusers' loader must run the re-export files)::
+
+        @classmethod
+        def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+            from .hub import load_published
+
+            pipe = load_published(pretrained_model_name_or_path, **kwargs)
+            return pipe if pipe is not None else super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+
+    Arguments:
+        kwargs: ``revision``, ``token``, ``cache_dir``, ``local_files_only`` and
+            ``trust_remote_code`` (ignored: nothing is executed). Any other keyword returns ``None``
+            (diffusers' own loader handles it).
+    """
+    kwargs = {k: v for k, v in kwargs.items() if k != "trust_remote_code"}
+    if set(kwargs) - set(_LOAD_KWARGS):
+        return None
+    if published_index(path_or_repo_id, **kwargs) is None:
+        return None
+    return load_prior(path_or_repo_id, **kwargs)
 
 
 # -- uploading ----------------------------------------------------------------------------------------

@@ -33,6 +33,7 @@ from diffem.hub import (
     build_model_card,
     check_repo_id,
     load_prior,
+    load_published,
     publish,
     push_after_lap,
     read_run,
@@ -145,6 +146,9 @@ def test_output_dir_folder_loads_with_same_samples(manifold_run, tmp_path, capsy
     published = load_prior(out)
     assert isinstance(published, DiffusionPriorPipeline)
     torch.testing.assert_close(_samples(published), _samples(source), rtol=0, atol=0)
+    torch.testing.assert_close(_samples(load_published(out, trust_remote_code=False)), _samples(source), rtol=0, atol=0)
+    assert load_published(manifold_run / "lap_02") is None  # not a published folder: diffusers' loader handles it
+    assert load_published(out, device_map="cpu") is None  # options only diffusers' loader knows
     # the lap folder's other files (the E-step sampler settings, ...) travel with it
     extra = {p.relative_to(manifold_run / "lap_02") for p in (manifold_run / "lap_02").rglob("*") if p.is_file()}
     assert all((out / p).is_file() for p in extra)
@@ -222,6 +226,8 @@ def test_diffusers_native_loading_routes(manifold_run, image_run, tmp_path):
     by_id = load_prior(REPO, revision="lap-01", cache_dir=tmp_path / "hf" / "hub", local_files_only=True)
     source = DiffusionPriorPipeline.from_pretrained(manifold_run / "lap_01")
     torch.testing.assert_close(_samples(by_id), _samples(source), rtol=0, atol=0)
+    again = load_published(REPO, revision="lap-01", cache_dir=tmp_path / "hf" / "hub", local_files_only=True)
+    torch.testing.assert_close(_samples(again), _samples(source), rtol=0, atol=0)
     assert json.loads((i / "model_index.json").read_text())["unet"] == ["diffusers", "UNet2DModel"]
     assert not list((i / "unet").glob("*.py"))  # a diffusers network needs no re-export
     env = dict(os.environ, HF_HOME=str(tmp_path / "hf"), HF_HUB_CACHE=str(tmp_path / "hf" / "hub"),
