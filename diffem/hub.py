@@ -50,7 +50,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Callable, Iterable
 
 import yaml
 
@@ -488,8 +488,11 @@ def build_model_card(repo_id: str, lap: int, run: Run, index: dict | None = None
     for key, value in record.items():
         if key in ("lap", "hardware"):
             continue
-        if _number(value) or isinstance(value, str) or value is None:
+        if _number(value) or value is None:
             metric_rows.append(f"| `{key}` | {_fmt(value) if value is not None else 'null'} |")
+        elif isinstance(value, str):  # one table cell: no pipes, no line breaks, bounded length
+            cell = " ".join(value.replace("|", "/").split())
+            metric_rows.append(f"| `{key}` | {cell[:200] + ('...' if len(cell) > 200 else '')} |")
 
     what = (
         f"the lap-0 prior of the run: a Gaussian N(mu, D I + U U^T) of rank {lap0.get('rank')} fitted by "

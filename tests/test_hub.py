@@ -21,7 +21,6 @@ import pytest
 import torch
 from huggingface_hub import ModelCard
 from huggingface_hub.repocard_data import model_index_to_eval_results
-from safetensors.torch import load_file
 
 from diffem import DiffusionPriorPipeline
 from diffem.cli import main as cli
