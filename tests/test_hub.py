@@ -334,6 +334,8 @@ def test_all_laps_upload_to_lap_branches_and_main(run_copy, tmp_path):
     again = RecordingApi(token=FAKE_TOKEN)
     results = publish(run_copy, REPO, all_laps=True, token=FAKE_TOKEN, api=again, echo=lambda s: None)
     assert {r["status"] for r in results} == {"skipped"} and again.uploads == 0
+    older = publish(run_copy, REPO, lap=1, token=FAKE_TOKEN, api=again, echo=lambda s: None)
+    assert [r["revision"] for r in older] == ["lap-01"]  # main keeps the newest lap
 
 
 def test_failed_all_laps_resumes_and_skips_uploaded(run_copy, capsys):
