@@ -92,6 +92,8 @@ METHODS = {
     "mmps_ddim": ("mmps", {"covariance": "tweedie", "maxiter": 1}, "ddim"),
     "mmps_edm_euler": ("mmps", {"covariance": "tweedie", "maxiter": 1}, "edm_euler"),
     "mmps_edm_dpmpp": ("mmps", {"covariance": "tweedie", "maxiter": 1}, "edm_dpmpp"),
+    "mmps_cg4": ("mmps", {"covariance": "tweedie", "maxiter": 4}, "ddpm"),
+    "mmps_cg4_edm_dpmpp": ("mmps", {"covariance": "tweedie", "maxiter": 4}, "edm_dpmpp"),
 }
 METHOD_LABELS = {
     "mmps": "MMPS, Tweedie (CG 1), DDPM",
@@ -104,6 +106,8 @@ METHOD_LABELS = {
     "mmps_ddim": "MMPS, Tweedie (CG 1), DDIM",
     "mmps_edm_euler": "MMPS, Tweedie (CG 1), EDM Euler",
     "mmps_edm_dpmpp": "MMPS, Tweedie (CG 1), EDM DPM-Solver++(2M)",
+    "mmps_cg4": "MMPS, Tweedie (CG 4), DDPM",
+    "mmps_cg4_edm_dpmpp": "MMPS, Tweedie (CG 4), EDM DPM-Solver++(2M)",
     "exact": "exact samples (finite-sample floor)",
 }
 EDM_SAMPLERS = ("edm_euler", "edm_dpmpp")
@@ -417,6 +421,11 @@ def learned_benchmark(denoiser, x_true: Tensor, args, log=print) -> dict:
 # ----------------------------------------------------------------------------------------
 # Table and figure (from the JSON only)
 # ----------------------------------------------------------------------------------------
+def diverged(r: dict) -> bool:
+    """A run whose samples left any sensible range (non-finite, or mean error > 10x the posterior mean's norm)."""
+    return not r["finite"] or not r["mean_rel_error"] < 10
+
+
 def _fmt(v, spec):
     return "n/a" if v is None or (isinstance(v, float) and not math.isfinite(v)) else format(v, spec)
 
@@ -455,7 +464,11 @@ def write_table(exact: dict | None, learned: dict | None, path: Path, source_nam
             "posterior methods' defaults (DPS ζ = 1, DiffPIR λ = 7, ΠGDM and MMPS CG 1 unless stated)."
             + ("" if not c.get("long_methods") else
                f" To fit the CPU budget, the largest step count ({max(c['steps'])}) was run only for: "
-               + ", ".join(METHOD_LABELS.get(m, m) for m in c["long_methods"]) + "."),
+               + ", ".join(METHOD_LABELS.get(m, m) for m in c["long_methods"]) + ".")
+            + "".join(f" Appended run: {', '.join(METHOD_LABELS.get(m, m) for m in a['methods'])} at steps "
+                      f"{', '.join(map(str, a['steps']))}." for a in c.get("appended", [])),
+            "- **diverged**: samples that left any sensible range (mean error > 10, i.e. ‖x̄ − m‖ > 10 ‖m‖); "
+            "the JSON keeps the raw numbers.",
             "",
         ]
         for task in c["tasks"]:
@@ -470,6 +483,13 @@ def write_table(exact: dict | None, learned: dict | None, path: Path, source_nam
                 for s in c["steps"]:
                     r = next((r for r in exact["results"] if r["task"] == task and r["method"] == method and r["steps"] == s), None)
                     if r is None:
+                        continue
+                    if diverged(r):
+                        lines.append(
+                            f"| {METHOD_LABELS.get(method, method)} | {s} | {_fmt(r['nfe'], '.0f')} "
+                            f"({_fmt(r['forwards'], '.0f')} + {_fmt(r['vjps'], '.0f')}) | diverged "
+                            f"({_fmt(r['mean_rel_error'], '.1e')}) | diverged | diverged | {_fmt(r['seconds_per_sample'] * 1e3, '.1f')} |"
+                        )
                         continue
                     lines.append(
                         f"| {METHOD_LABELS.get(method, method)} | {s} | {_fmt(r['nfe'], '.0f')} "
@@ -528,7 +548,7 @@ def _headlines(exact: dict) -> list[str]:
     c = exact["config"]
     out = ["### Headlines (computed from the results)", ""]
     for task in c["tasks"]:
-        rows = [r for r in exact["results"] if r["task"] == task and r["finite"]]
+        rows = [r for r in exact["results"] if r["task"] == task and not diverged(r)]
         fl = exact["floors"][task]
         parts = []
         for s in c["steps"]:
@@ -576,8 +596,8 @@ def write_figure(exact: dict, path: Path) -> None:
         for row, (key, label) in enumerate(metrics):
             ax = axes[row][col]
             for method in c["methods"]:
-                rows = sorted((r for r in exact["results"] if r["task"] == task and r["method"] == method and r["finite"]),
-                              key=lambda r: r["nfe"])
+                rows = sorted((r for r in exact["results"] if r["task"] == task and r["method"] == method
+                               and not diverged(r)), key=lambda r: r["nfe"])
                 if rows:
                     style = "--" if METHODS.get(method, ("", {}, "ddpm"))[2] != "ddpm" else "-"
                     ax.plot([r["nfe"] for r in rows], [max(r[key], 1e-4) for r in rows], style, marker="o", ms=3,
@@ -602,6 +622,33 @@ def write_figure(exact: dict, path: Path) -> None:
 # ----------------------------------------------------------------------------------------
 # Command line
 # ----------------------------------------------------------------------------------------
+def merge_results(old: dict, new: dict) -> dict:
+    """``old`` with ``new``'s rows added (a row of the same task, method and steps replaced).
+
+    Both runs must share the data, observations, samples, noise and seed (same exact posteriors).
+    """
+    keys = ("observations", "samples_per_observation", "noise_std", "rank", "fit_images", "event_shape", "seed", "data")
+    for k in keys:
+        if old["config"][k] != new["config"][k]:
+            raise ValueError(f"--append: the results to merge differ in {k}: {old['config'][k]!r} vs {new['config'][k]!r}")
+    key = lambda r: (r["task"], r["method"], r["steps"])  # noqa: E731
+    rows = {key(r): r for r in old["results"]}
+    rows.update({key(r): r for r in new["results"]})
+    merged = dict(old)
+    c = dict(old["config"])
+    c["methods"] = {**old["config"]["methods"], **new["config"]["methods"]}
+    c["tasks"] = [t for t in TASKS if t in set(old["config"]["tasks"]) | set(new["config"]["tasks"])]
+    c["steps"] = sorted(set(old["config"]["steps"]) | set(new["config"]["steps"]))
+    c.setdefault("appended", []).append({"methods": list(new["config"]["methods"]), "steps": new["config"]["steps"],
+                                         "tasks": new["config"]["tasks"], "wall_seconds": new.get("wall_seconds")})
+    merged["config"] = c
+    order = {m: i for i, m in enumerate(METHODS)}
+    merged["results"] = sorted(rows.values(), key=lambda r: (TASKS.index(r["task"]), order.get(r["method"], 99), r["steps"]))
+    merged["floors"] = {**old["floors"], **new["floors"]}
+    merged["wall_seconds"] = (old.get("wall_seconds") or 0) + (new.get("wall_seconds") or 0)
+    return merged
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--prior", default=None, help="a saved pipeline folder (EM lap): run the learned part")
@@ -625,6 +672,8 @@ def parse_args(argv=None):
     p.add_argument("--table", type=Path, default=DEFAULT_TABLE)
     p.add_argument("--figure", type=Path, default=DEFAULT_FIGURE)
     p.add_argument("--report-only", action="store_true", help="rebuild the table and figure from the results JSON")
+    p.add_argument("--append", action="store_true",
+                   help="merge this run's rows into the existing exact results JSON (same data and seed)")
     args = p.parse_args(argv)
     if args.samples is None:
         args.samples = 1 if args.prior else 256
@@ -654,6 +703,8 @@ def main(argv=None) -> int:
             print(f"PPCA rank {args.rank} on {len(fit)} images: {time.perf_counter() - t0:.1f} s")
             results = exact_benchmark(prior, test, args)
             results["wall_seconds"] = time.perf_counter() - t0
+            if args.append and exact_path.exists():
+                results = merge_results(json.loads(exact_path.read_text()), results)
             exact_path.write_text(json.dumps(results, indent=1))
         else:
             from diffem.pipeline import DiffusionPriorPipeline, denoiser_of

@@ -115,6 +115,22 @@ def test_exact_part_end_to_end(bench, tmp_path):
     out["table"].unlink()
     assert bench.main(argv + ["--report-only"]) == 0
     assert out["table"].read_text() == table
+    # --append merges another method's rows into the same results
+    extra = ["--images-file", str(images), "--observations", "2", "--samples", "16", "--steps", "2", "--rank", "4",
+             "--fit-images", "70", "--methods", "tmpd", "--tasks", "sr4", "--threads", "1", "--append",
+             "--results-dir", str(out["results"]), "--table", str(out["table"]), "--figure", str(out["figure"])]
+    assert bench.main(extra) == 0
+    merged = json.loads((out["results"] / "posterior_exact.json").read_text())
+    keys = {(r["task"], r["method"], r["steps"]) for r in merged["results"]}
+    assert keys == rows | {("sr4", "tmpd", 2)}
+    assert "TMPD" in out["table"].read_text()
+
+
+def test_diverged_rows(bench):
+    assert bench.diverged({"finite": True, "mean_rel_error": 3e7})
+    assert bench.diverged({"finite": False, "mean_rel_error": 0.1})
+    assert bench.diverged({"finite": True, "mean_rel_error": float("nan")})
+    assert not bench.diverged({"finite": True, "mean_rel_error": 0.2})
 
 
 def test_learned_part_on_a_tiny_saved_pipeline(bench, tmp_path):
