@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import platform
 import sys
 from pathlib import Path
@@ -64,7 +63,8 @@ AUTHORS = "4 GPUs x up to 24 h a lap"
 #: fastMRI knee single-coil training slices kept by the MRI `paper` profile (its own comment: ~35k).
 MRI_SLICES = 35000
 README_BEGIN, README_END = "<!-- paper-cost:begin -->", "<!-- paper-cost:end -->"
-NAMES = {"manifold": "manifold MLP", "mnist": "MNIST DiT", "cifar10": "CIFAR-10 U-Net", "mri": "MRI pixel-unshuffle U-Net"}
+NAMES = {"manifold": "manifold MLP", "mnist": "MNIST DiT", "cifar10": "CIFAR-10 U-Net",
+         "mri": "MRI pixel-unshuffle U-Net"}
 
 
 class _GlobalOnly:
@@ -196,7 +196,8 @@ def lap_work(name: str, config) -> dict:
 def project(flops: dict, work: dict, utilisation: float) -> dict:
     estep = work["observations"] * work["estep_steps"] * work["estep_calls_per_step"] * flops["mmps_flops_per_sample"]
     mstep = work["mstep_steps"] * work["mstep_batch"] * flops["mstep_flops_per_sample"]
-    evaluation = work["eval_samples"] * work["eval_steps"] * work["eval_calls_per_step"] * flops["forward_flops_per_sample"]
+    evaluation = (work["eval_samples"] * work["eval_steps"] * work["eval_calls_per_step"]
+                  * flops["forward_flops_per_sample"])
     lap = estep + mstep
     run = lap * work["laps"] + evaluation * work["evaluations_after_lap_0"]
     hours = {}
@@ -243,7 +244,8 @@ def tables(results: dict) -> tuple[str, str]:
         "The `paper` profiles set `precision: fp32`: at fp32 / TF32 the peaks are 2x (TF32) to 16x (fp32 without "
         "tensor cores) lower, so multiply accordingly",
         "- FLOPs counted by `torch.utils.flop_counter.FlopCounterMode` on the CPU at batch 1 and scaled to the "
-        "profiles' batches (linear in the batch, checked on the forward): matmuls, convolutions and attention, 2 FLOPs per multiply-add; normalisations, "
+        "profiles' batches (linear in the batch, checked on the forward): matmuls, convolutions and attention, "
+        "2 FLOPs per multiply-add; normalisations, "
         "activations, FFTs and the optimizer are not counted",
         "- a lap = E-step (one MMPS call per observation, sampler step and Langevin correction) + M-step "
         "(denoising loss forward + backward); a run = laps x lap + the scheduled evaluations (unconditional "

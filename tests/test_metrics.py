@@ -202,7 +202,8 @@ def test_ssim_is_one_on_identical_images_and_drops_with_noise():
     assert (values[-1] < 0.5).all()
     # (N, H, W) is one channel; SSIM is invariant to scaling the data with its range.
     gray = x[:, 0]
-    assert torch.equal(ssim(gray, gray + 0.1 * noise[:, 0], 4.0), ssim(gray[:, None], (gray + 0.1 * noise[:, 0])[:, None], 4.0))
+    noisy_gray = gray + 0.1 * noise[:, 0]
+    assert torch.equal(ssim(gray, noisy_gray, 4.0), ssim(gray[:, None], noisy_gray[:, None], 4.0))
     scaled = ssim(10 * x, 10 * (x + 0.2 * noise), data_range=40.0)
     assert torch.allclose(scaled, values[1], atol=1e-5)
 
@@ -222,7 +223,8 @@ def test_ssim_matches_its_definition_with_a_uniform_window():
                 mu_u, mu_v = u.mean(), v.mean()
                 var_u, var_v = ((u - mu_u) ** 2).mean(), ((v - mu_v) ** 2).mean()
                 cov = ((u - mu_u) * (v - mu_v)).mean()
-                values.append((2 * mu_u * mu_v + c1) * (2 * cov + c2) / ((mu_u**2 + mu_v**2 + c1) * (var_u + var_v + c2)))
+                numerator = (2 * mu_u * mu_v + c1) * (2 * cov + c2)
+                values.append(numerator / ((mu_u**2 + mu_v**2 + c1) * (var_u + var_v + c2)))
         expected.append(torch.stack(values).mean())
     out = ssim(x, y, data_range=1.0, gaussian_kernel=False, kernel_size=k)
     assert out.dtype == torch.float64

@@ -49,7 +49,14 @@ import torch
 from torch import Tensor
 
 from ..data._common import resolve_cache_dir
-from .inception import _FEATURES, _LOGITS, as_pixels, has_inception_logits, inception_features, resolve_inception_weights
+from .inception import (
+    _FEATURES,
+    _LOGITS,
+    as_pixels,
+    has_inception_logits,
+    inception_features,
+    resolve_inception_weights,
+)
 
 __all__ = [
     "fid_statistics",

@@ -144,7 +144,9 @@ def ssim(
         raise ValueError(f"`sigma` must be a number > 0, got {sigma!r}")
     window = int(2 * int(3.5 * sigma + 0.5) + 1) if gaussian_kernel else kernel_size  # torchmetrics' Gaussian width
     if min(x.shape[-2:]) < window:
-        raise ValueError(f"`x` and `y`: images of {tuple(x.shape[-2:])} pixels are smaller than the {window}-pixel window")
+        raise ValueError(
+            f"`x` and `y`: images of {tuple(x.shape[-2:])} pixels are smaller than the {window}-pixel window"
+        )
     dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     out = structural_similarity_index_measure(
         x.to(dtype), y.to(dtype), gaussian_kernel=gaussian_kernel, sigma=float(sigma), kernel_size=kernel_size,
