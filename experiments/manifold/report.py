@@ -3,7 +3,8 @@
     python experiments/manifold/report.py runs/manifold-cpu [--table tables/manifold.md] [--figure figures/manifold.png]
 
 Every number comes from the run's metrics.jsonl; the figure's prior samples are drawn
-from the saved lap_KK/ pipelines with fixed seeds (DDIM, the run's evaluation steps).
+from the saved lap_KK/ pipelines with fixed seeds (the run's evaluation sampler), at laps
+1, 2, 4, 8, 16 and 32 as in the paper's figure, above the ground truth.
 """
 
 from __future__ import annotations
@@ -81,13 +82,14 @@ def write_table(config: dict, records: list[dict], path: Path, run_dir: Path) ->
 
 
 def figure_laps(last: int) -> list[int]:
-    laps, k = [0], 1
+    """The laps the paper's manifold figure shows, 1, 2, 4, 8, 16, 32, up to ``last`` (and ``last``)."""
+    laps, k = [], 1
     while k <= last:
         laps.append(k)
         k *= 2
-    if laps[-1] != last:
+    if last >= 1 and laps[-1] != last:
         laps.append(last)
-    return laps
+    return laps or [0]
 
 
 def write_figure(config: dict, records: list[dict], path: Path, run_dir: Path, n: int = 2048) -> None:
@@ -96,11 +98,12 @@ def write_figure(config: dict, records: list[dict], path: Path, run_dir: Path, n
     truth = task.ground_truth(n, "eval")
     done = [r["lap"] for r in records if (lap_dir(run_dir, r["lap"]) / "model_index.json").exists()]
     laps = [k for k in figure_laps(max(done)) if k in done]
-    rows = [("ground truth", truth)]
+    rows = []
     for k in laps:
         pipe = DiffusionPriorPipeline.from_pretrained(lap_dir(run_dir, k))
         pipe.set_progress_bar_config(disable=True)
         rows.append((f"lap {k}", draw_prior_samples(pipe, n, cfg.eval, seed=12345, progress=False)))
+    rows.append(("ground truth", truth))
     pairs = [(0, 1), (1, 2), (2, 3), (3, 4)]
     fig, axes = plt.subplots(len(rows), len(pairs), figsize=(2.2 * len(pairs), 2.2 * len(rows)), squeeze=False)
     for i, (label, x) in enumerate(rows):
