@@ -221,6 +221,12 @@ class EMTrainer:
         samples = self.estep(lap, obs)
         estep_time = time.perf_counter() - start
         samples, discarded = keep_samples(samples, self.config.estep.discard_outside)
+        if len(samples) == 0:
+            raise RuntimeError(
+                f"lap {lap}: all {discarded} E-step samples were discarded (non-finite, or a coordinate outside "
+                f"+-{self.config.estep.discard_outside}); the prior of lap {lap - 1} ({lap_dir(self.run_dir, lap - 1)}) "
+                "is likely broken"
+            )
         start = time.perf_counter()
         model, stats = self.mstep(lap, samples)
         record = {
