@@ -443,7 +443,8 @@ def write_table(exact: dict | None, learned: dict | None, path: Path, source_nam
             f"Prior: PPCA rank {c['rank']} fitted to {c['fit_images']} images ({c['data']}), "
             f"event shape {tuple(c['event_shape'])}, data in [-2, 2]. Observations: {c['observations']} held-out images "
             f"per task, σ_y = {c['noise_std']}, {c['samples_per_observation']} posterior samples per observation "
-            "(reduced to fit ~15 min of CPU; metrics are averages over the observations). Every method uses the "
+            f"(reduced to fit a CPU budget: {exact.get('wall_seconds', float('nan')) / 60:.0f} min of wall time in all, one "
+            "thread on a shared 2-core machine; metrics are averages over the observations). Every method uses the "
             "prior's exact denoiser, so differences are the method's and the sampler's alone.",
             "",
             "- **err**: ‖x̄ − m‖ / ‖m‖, mean of the samples vs the exact posterior mean.",
@@ -465,10 +466,15 @@ def write_table(exact: dict | None, learned: dict | None, path: Path, source_nam
             + ("" if not c.get("long_methods") else
                f" To fit the CPU budget, the largest step count ({max(c['steps'])}) was run only for: "
                + ", ".join(METHOD_LABELS.get(m, m) for m in c["long_methods"]) + ".")
-            + "".join(f" Appended run: {', '.join(METHOD_LABELS.get(m, m) for m in a['methods'])} at steps "
-                      f"{', '.join(map(str, a['steps']))}." for a in c.get("appended", [])),
+            + "".join(" Appended run: " + "; ".join(
+                f"{METHOD_LABELS.get(m, m)} at steps "
+                + ", ".join(str(k) for k in sorted({r['steps'] for r in exact['results'] if r['method'] == m}))
+                for m in a["methods"]) + "." for a in c.get("appended", [])),
             "- **diverged**: samples that left any sensible range (mean error > 10, i.e. ‖x̄ − m‖ > 10 ‖m‖); "
-            "the JSON keeps the raw numbers.",
+            "the JSON keeps the raw numbers. MMPS with (I + Σt⁻¹)⁻¹ (Σ_x = I) keeps the output x̂ + σ² Jᵀ Aᵀ v: "
+            "along a prior direction of variance λ, with the observation exact, it moves x̂ by "
+            "λ(1 + σ²)/(λ + σ²) times the residual instead of once, so a prior with variances ≫ 1 (images in "
+            "[-2, 2] have a leading variance in the hundreds) overshoots at large σ and the sampler diverges.",
             "",
         ]
         for task in c["tasks"]:
@@ -612,13 +618,14 @@ def write_figure(exact: dict, path: Path) -> None:
                                and not diverged(r)), key=lambda r: r["nfe"])
                 if rows:
                     style = "--" if METHODS.get(method, ("", {}, "ddpm"))[2] != "ddpm" else "-"
+                    color = plt.get_cmap("tab20")(list(METHODS).index(method) % 20 if method in METHODS else 19)
                     ax.plot([r["nfe"] for r in rows], [max(r[key], 1e-4) for r in rows], style, marker="o", ms=3,
-                            label=METHOD_LABELS.get(method, method))
+                            color=color, label=METHOD_LABELS.get(method, method))
             if exact["floors"][task][key] > 1e-3:  # (an unbiased cov err of exact samples can be ~0)
                 ax.axhline(exact["floors"][task][key], color="k", lw=0.8, ls=":", label=METHOD_LABELS["exact"])
             ax.set_xscale("log")
             ax.set_yscale("log" if key != "w2" else "linear")
-            ax.xaxis.set_major_locator(FixedLocator([20, 50, 100, 200, 500]))
+            ax.xaxis.set_major_locator(FixedLocator([20, 50, 100, 200, 500, 1000]))
             ax.xaxis.set_major_formatter(ScalarFormatter())
             ax.xaxis.set_minor_formatter(NullFormatter())
             if row == 0:
