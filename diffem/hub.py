@@ -577,9 +577,9 @@ With diffem, without executing any code from this repository:
 
 ```python
 import torch
-from diffem.hub import load_prior
+from diffem import DiffusionPriorPipeline
 
-pipe = load_prior("{repo_id}", revision="{revision}")  # a diffem.DiffusionPriorPipeline
+pipe = DiffusionPriorPipeline.from_pretrained("{repo_id}", revision="{revision}")  # or diffem.hub.load_prior
 ```
 
 With diffusers' own loader: the repository holds small files that re-export diffem's classes
@@ -590,7 +590,6 @@ from diffusers import DiffusionPipeline
 from diffem import DiffusionPriorPipeline
 
 pipe = DiffusionPipeline.from_pretrained("{repo_id}", revision="{revision}", trust_remote_code=True)
-pipe = DiffusionPriorPipeline.from_pretrained("{repo_id}", revision="{revision}", trust_remote_code=True)  # the same
 ```
 {load_net}
 Unconditional samples (one seeded generator per sample: samples do not depend on the batch size):
@@ -868,15 +867,8 @@ def published_index(path_or_repo_id, revision: str | None = None, token: str | N
 def load_published(path_or_repo_id, **kwargs):
     """:func:`load_prior` for a folder or repo written by ``diffem publish``; ``None`` for anything else.
 
-    Meant for ``DiffusionPriorPipeline.from_pretrained``, so that diffem's own class loads a
-    published prior without ``trust_remote_code`` (diffusers' loader must run the re-export files)::
-
-        @classmethod
-        def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
-            from .hub import load_published
-
-            pipe = load_published(pretrained_model_name_or_path, **kwargs)
-            return pipe if pipe is not None else super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+    ``DiffusionPriorPipeline.from_pretrained`` calls it first, so that diffem's own class loads a
+    published prior without ``trust_remote_code`` (diffusers' loader must run the re-export files).
 
     Arguments:
         kwargs: ``revision``, ``token``, ``cache_dir``, ``local_files_only`` and

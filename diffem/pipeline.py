@@ -119,6 +119,21 @@ class DiffusionPriorPipeline(DiffusionPipeline):
         super().__init__()
         self.register_modules(unet=unet, scheduler=scheduler)
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        """Load a saved lap folder, or a folder / Hub repo written by ``diffem publish``.
+
+        A published prior (its ``model_index.json`` names diffem's re-export files) loads with
+        diffem's own classes, without ``trust_remote_code`` and without executing any file of
+        the repository (:func:`diffem.hub.load_published`, safetensors weights only), e.g.
+        ``DiffusionPriorPipeline.from_pretrained("someone/diffem-cifar10", revision="lap-03")``.
+        Anything else goes to diffusers' ``DiffusionPipeline.from_pretrained``.
+        """
+        from .hub import load_published
+
+        pipe = load_published(pretrained_model_name_or_path, **kwargs)
+        return pipe if pipe is not None else super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+
     @property
     def event_shape(self) -> tuple:
         return event_shape_of(self.unet)

@@ -146,6 +146,8 @@ def test_output_dir_folder_loads_with_same_samples(manifold_run, tmp_path, capsy
     assert isinstance(published, DiffusionPriorPipeline)
     torch.testing.assert_close(_samples(published), _samples(source), rtol=0, atol=0)
     torch.testing.assert_close(_samples(load_published(out, trust_remote_code=False)), _samples(source), rtol=0, atol=0)
+    # diffem's own class loads a published folder as it is, with no trust_remote_code
+    torch.testing.assert_close(_samples(DiffusionPriorPipeline.from_pretrained(out)), _samples(source), rtol=0, atol=0)
     assert load_published(manifold_run / "lap_02") is None  # not a published folder: diffusers' loader handles it
     assert load_published(out, device_map="cpu") is None  # options only diffusers' loader knows
     # the lap folder's other files (the E-step sampler settings, ...) travel with it
@@ -416,10 +418,11 @@ def test_training_pushes_each_lap_and_survives_failed_uploads(tmp_path, monkeypa
     shared = RecordingApi(token=FAKE_TOKEN, fail_at=1)  # the push after lap 0 fails
     monkeypatch.setattr(huggingface_hub, "HfApi", lambda token=None: shared)
     caplog.set_level(logging.INFO, logger="diffem.hub")
-    config = load_config("manifold", "smoke", overrides=[
-        f"output_dir={tmp_path / 'run'}", f"hub.repo_id={REPO}", "data.points=128", "lap0.iterations=2",
+    overrides = [
+        f"output_dir={tmp_path / 'run'}", "data.points=128", "lap0.iterations=2",
         "estep.batch_size=64", "estep.steps=4", "mstep.steps=6", "mstep.batch_size=32", "eval.samples=32",
-        "eval.steps=4", "data.eval_points=32", "data.sinkhorn_maxiter=10"])
+        "eval.steps=4", "data.eval_points=32", "data.sinkhorn_maxiter=10"]
+    config = load_config("manifold", "smoke", overrides=[*overrides, f"hub.repo_id={REPO}"])
     EMTrainer(config, progress=False).run()
     records = _records(config.run_dir)
     assert sorted(records) == [0, 1, 2]  # the run finished despite the failed push
@@ -430,6 +433,11 @@ def test_training_pushes_each_lap_and_survives_failed_uploads(tmp_path, monkeypa
     assert json.loads(shared.revisions["lap-00"]["metrics.json"]) == records[0]  # with its evaluation
     assert "sinkhorn" in records[0]
     assert json.loads(shared.revisions["main"]["metrics.json"])["lap"] == 2
+    # the last lap is pushed again once evaluated (the end of the run), so its card has the metric
+    assert json.loads(shared.revisions["lap-02"]["metrics.json"]) == records[2] and "sinkhorn" in records[2]
+    # the hub section may change on resume (publishing does not change the prior)
+    off = load_config("manifold", "smoke", overrides=[*overrides, "hub.repo_id=", "hub.private=true"])
+    assert EMTrainer(off, progress=False).run() == []
 
 
 # -- errors before any upload -----------------------------------------------------------------------

@@ -42,8 +42,9 @@ __all__ = [
     "MStepCheckpoint",
 ]
 
-#: Top-level config keys a resumed run may change (``eval`` is a whole section).
-RESUMABLE_KEYS = ("laps", "eval")
+#: Top-level config keys a resumed run may change (``eval`` and ``hub`` are whole sections:
+#: evaluation and publishing do not change the prior).
+RESUMABLE_KEYS = ("laps", "eval", "hub")
 
 
 def lap_dir(run_dir: Path, lap: int) -> Path:

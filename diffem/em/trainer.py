@@ -187,6 +187,8 @@ class EMTrainer:
             if lap in done:
                 continue
             out.append(self.lap0(obs) if lap == 0 else self.lap(lap, obs))
+        if out:  # the last lap's evaluated record (and any upload that failed) reaches the Hub too
+            self.after_lap_saved(max(r["lap"] for r in out))
         return out
 
     def lap0(self, obs: ObservationSet) -> dict:
