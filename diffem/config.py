@@ -50,7 +50,7 @@ class LapZeroConfig:
 class EStepConfig:
     """E-step: one MMPS posterior sample per observation under the previous lap's prior."""
 
-    method: str = "ddpm"  #: "ddpm", "ddim", "pc", or diffusers' EDM samplers "edm_euler", "edm_dpmpp" (diffem.edm)
+    method: str = "ddpm"  #: "ddpm", "ddim", "pc", or diffusers' EDM samplers "edm_euler", "edm_dpmpp", "edm_dpmpp_sde" (diffem.edm)
     steps: int = 256  #: sampler steps
     corrections: int = 1  #: Langevin corrections per step ("pc")
     delta: float = 0.1  #: Langevin step size ("pc")
@@ -150,8 +150,8 @@ class EMConfig:
             ("lap0.iterations", self.lap0.iterations >= 0, "must be >= 0"),
             ("lap0.observations", self.lap0.observations >= 2, "must be >= 2"),
             ("lap0.estep", self.lap0.estep in ("exact", "sample", "mmps"), "must be exact, sample or mmps"),
-            ("estep.method", self.estep.method in ("ddpm", "ddim", "pc", "edm_euler", "edm_dpmpp"),
-             "must be ddpm, ddim, pc, edm_euler or edm_dpmpp"),
+            ("estep.method", self.estep.method in ("ddpm", "ddim", "pc", "edm_euler", "edm_dpmpp", "edm_dpmpp_sde"),
+             "must be ddpm, ddim, pc, edm_euler, edm_dpmpp or edm_dpmpp_sde"),
             ("estep.steps", self.estep.steps >= 1, "must be >= 1"),
             ("estep.maxiter", self.estep.maxiter >= 1, "must be >= 1"),
             ("estep.guidance", self.estep.guidance in ("mmps", "dps", "pigdm", "tmpd", "diffpir"),

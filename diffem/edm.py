@@ -25,15 +25,19 @@ Samplers (``method``):
 - ``"edm_euler"``: ``EDMEulerScheduler`` (Euler on the ODE, Karras et al. 2022 Alg. 1
   without the Heun correction); an Euler step is diffem's DDIM update on another grid.
 - ``"edm_dpmpp"``: ``EDMDPMSolverMultistepScheduler``, DPM-Solver++(2M) (midpoint),
-  a second-order multistep method (Lu et al. 2022).
+  a second-order multistep method (Lu et al. 2022);
+- ``"edm_dpmpp_sde"``: the same scheduler with ``algorithm_type="sde-dpmsolver++"``, its
+  stochastic (SDE) form: fresh noise at every step, like diffem's DDPM update, which
+  contracts the errors of an approximate posterior denoiser where an ODE sampler keeps them.
 
 Both use the Karras grid :math:`\sigma_i = (\sigma_{\max}^{1/\rho} + \frac{i}{N-1}
 (\sigma_{\min}^{1/\rho} - \sigma_{\max}^{1/\rho}))^\rho`, :math:`\rho = 7`, from
 :math:`\sigma_{\max} = 10^2` to :math:`\sigma_{\min} = 10^{-3}` (diffem's range), and a
 last step to :math:`\sigma = 0` that returns :math:`\hat{x}(\sigma_{\min})`. They
-are deterministic after the initial noise :math:`x_{\sigma_{\max}} = \sqrt{\sigma_{\max}^2 + \sigma_d^2}\, z`
-(the scheduler's ``init_noise_sigma``), so ``N`` steps cost exactly ``N`` denoiser
-evaluations (diffem's DDPM / DDIM: ``N + 1``).
+start from :math:`x_{\sigma_{\max}} = \sqrt{\sigma_{\max}^2 + \sigma_d^2}\, z` (the scheduler's
+``init_noise_sigma``), and ``N`` steps cost exactly ``N`` denoiser evaluations (diffem's DDPM /
+DDIM: ``N + 1``). The ODE samplers are deterministic after the initial noise; the SDE sampler
+draws its step noise through diffusers (one generator, or one per sample).
 
 References:
     Karras et al. 2022 (EDM), arXiv:2206.00364, eq. (5), (7), Table 1, Algorithm 1;
@@ -63,7 +67,7 @@ __all__ = [
 ]
 
 #: The diffusers EDM samplers, by diffem method name.
-EDM_METHODS = ("edm_euler", "edm_dpmpp")
+EDM_METHODS = ("edm_euler", "edm_dpmpp", "edm_dpmpp_sde")
 #: Every sampler name accepted by :func:`make_scheduler` (and ``sample_posterior``, the E-step).
 SAMPLER_METHODS = tuple(VE_METHODS) + EDM_METHODS
 
@@ -72,8 +76,9 @@ def edm_scheduler(method: str, sigma_min: float = 1e-3, sigma_max: float = 1e2, 
     """A diffusers EDM scheduler on diffem's noise range.
 
     Arguments:
-        method: ``"edm_euler"`` (``EDMEulerScheduler``) or ``"edm_dpmpp"``
-            (``EDMDPMSolverMultistepScheduler``, DPM-Solver++(2M)).
+        method: ``"edm_euler"`` (``EDMEulerScheduler``), ``"edm_dpmpp"``
+            (``EDMDPMSolverMultistepScheduler``, DPM-Solver++(2M)) or ``"edm_dpmpp_sde"`` (its
+            ``sde-dpmsolver++`` form).
         sigma_min, sigma_max: The noise range in data units (``0 < sigma_min < sigma_max``).
         sigma_data: EDM's data scale; 1 matches diffem's preconditioning (it only sets the
             initial noise level here, as the denoiser is given, not preconditioned).
@@ -94,7 +99,7 @@ def edm_scheduler(method: str, sigma_min: float = 1e-3, sigma_max: float = 1e2, 
     common.update(kwargs)
     if method == "edm_euler":
         return EDMEulerScheduler(**common)
-    common.setdefault("algorithm_type", "dpmsolver++")
+    common.setdefault("algorithm_type", "sde-dpmsolver++" if method == "edm_dpmpp_sde" else "dpmsolver++")
     common.setdefault("solver_order", 2)
     return EDMDPMSolverMultistepScheduler(**common)
 
@@ -171,20 +176,28 @@ def sample_edm(
             :func:`edm_scheduler`), deterministic configuration.
         num_inference_steps: ``N >= 1``: ``N`` denoiser evaluations.
         generator: A ``torch.Generator`` or a list of them (one per block of samples, see
-            :func:`diffem.random.randn`) for the initial noise.
+            :func:`diffem.random.randn`) for the initial noise. The SDE sampler
+            (``sde-dpmsolver++``) also draws its step noise from it through diffusers, which
+            takes one generator or one per sample: a list must then have length 1 or ``B``.
 
     A posterior step hook (DPS, ΠGDM: a denoiser with a ``step_correction(sigma_next)``
     method) adds its correction to the sample after each step, as in
     :func:`diffem.sampling.sample`.
 
     Raises:
-        ValueError: for a scheduler that is not an EDM scheduler, a stochastic configuration
-            (``sde-dpmsolver++``), a bad step count or a missing generator.
+        ValueError: for a scheduler that is not an EDM scheduler, a bad step count, a missing
+            generator, or (SDE sampler) a list of generators whose length is neither 1 nor ``B``.
     """
     if not is_edm_scheduler(scheduler):
         raise ValueError(f"`scheduler` must be a diffusers EDM scheduler, got {type(scheduler).__name__}")
-    if scheduler.config.get("algorithm_type", "dpmsolver++") != "dpmsolver++":
-        raise ValueError("only the deterministic `algorithm_type='dpmsolver++'` is supported (noise must come from diffem generators)")
+    stochastic = scheduler.config.get("algorithm_type", "dpmsolver++") == "sde-dpmsolver++"
+    if stochastic and not isinstance(generator, torch.Generator):
+        n_gen = len(list(generator)) if generator is not None else 0
+        if n_gen not in (1, shape[0]):
+            raise ValueError(
+                f"the SDE sampler draws its step noise through diffusers, which takes one generator or one per "
+                f"sample: got a list of {n_gen} generators for {shape[0]} samples"
+            )
     if int(num_inference_steps) != num_inference_steps or num_inference_steps < 1:
         raise ValueError(f"`num_inference_steps` must be an integer >= 1, got {num_inference_steps!r}")
     shape = tuple(shape)
@@ -200,7 +213,8 @@ def sample_edm(
         correction = denoiser.step_correction(sigmas[i + 1].to(device=x.device, dtype=x.dtype)) if hasattr(denoiser, "step_correction") else None
         c_skip, c_out = _preconditioning(scheduler, sigma, x)
         model_output = (x_hat - c_skip.to(x.device) * x) / c_out.to(x.device)
-        x = scheduler.step(model_output, t, x, return_dict=False)[0].to(dtype)
+        step_kwargs = {"generator": list(generator) if not isinstance(generator, torch.Generator) else generator} if stochastic else {}
+        x = scheduler.step(model_output, t, x, return_dict=False, **step_kwargs)[0].to(dtype)
         if correction is not None:
             x = x + correction.to(dtype)
     return x

@@ -80,11 +80,12 @@ def test_prior_samples_converge_to_the_gaussian_like_ddim():
     cov = prior.covariance()
     floor = cov_noise(cov, N)
     errors = {}
-    for method, steps in [("ddim", 16), ("ddim", 32), ("ddim", 256), ("edm_euler", 256), ("edm_dpmpp", 16), ("edm_dpmpp", 64)]:
+    for method, steps in [("ddim", 16), ("ddim", 32), ("ddim", 256), ("edm_euler", 256), ("edm_dpmpp", 16), ("edm_dpmpp", 64),
+                          ("edm_dpmpp_sde", 64)]:
         x = sample(prior, (N, D), make_scheduler(method), steps, torch.Generator().manual_seed(1))
         errors[method, steps] = moment_errors(x, prior.mean, cov)
     # converged samplers: the mean within 5 standard errors, the covariance within sampling noise
-    for key in [("ddim", 256), ("edm_euler", 256), ("edm_dpmpp", 64)]:
+    for key in [("ddim", 256), ("edm_euler", 256), ("edm_dpmpp", 64), ("edm_dpmpp_sde", 64)]:
         z_mean, rel_cov = errors[key]
         assert z_mean < 5, (key, errors[key])
         assert rel_cov < 4 * floor + 0.02, (key, errors[key], floor)
@@ -143,8 +144,8 @@ def test_names_configs_and_errors():
         edm_scheduler("edm_euler", sigma_min=1.0, sigma_max=0.5)
     with pytest.raises(ValueError, match="scheduler"):
         sample_edm(gaussian_prior(), (2, D), VEScheduler(), 4, torch.Generator())
-    with pytest.raises(ValueError, match="dpmsolver"):
-        sample_edm(gaussian_prior(), (2, D), edm_scheduler("edm_dpmpp", algorithm_type="sde-dpmsolver++"), 4, torch.Generator())
+    with pytest.raises(ValueError, match="generators"):
+        sample_edm(gaussian_prior(), (4, D), edm_scheduler("edm_dpmpp_sde"), 4, [torch.Generator(), torch.Generator()])
     with pytest.raises(ValueError, match="num_inference_steps"):
         sample_edm(gaussian_prior(), (2, D), edm_scheduler("edm_euler"), 0, torch.Generator())
     with pytest.raises(ValueError, match="method"):
@@ -187,3 +188,15 @@ def test_step_hooks_are_applied_after_each_edm_step():
         # the last step lands on x-hat(sigma_min) + the last correction
         assert not torch.allclose(x, plain)
         assert torch.allclose(x - 0.5, prior(x - 0.5, 1e-3), atol=1e-2)
+
+
+def test_sde_sampler_is_stochastic_and_batch_independent():
+    """edm_dpmpp_sde draws step noise per sample from its generators: results do not depend on batching."""
+    prior = gaussian_prior()
+    gens = lambda idx: [torch.Generator().manual_seed(i) for i in idx]  # noqa: E731
+    whole = sample_edm(prior, (4, D), edm_scheduler("edm_dpmpp_sde"), 8, gens(range(4)))
+    parts = torch.cat([sample_edm(prior, (2, D), edm_scheduler("edm_dpmpp_sde"), 8, gens(r)) for r in ([0, 1], [2, 3])])
+    torch.testing.assert_close(whole, parts)
+    ode = sample_edm(prior, (4, D), edm_scheduler("edm_dpmpp"), 8, gens(range(4)))
+    assert not torch.allclose(whole, ode)  # the step noise changes the samples (same initial noise)
+    assert edm_scheduler("edm_dpmpp_sde").config.algorithm_type == "sde-dpmsolver++"
