@@ -94,6 +94,8 @@ METHODS = {
     "mmps_edm_dpmpp": ("mmps", {"covariance": "tweedie", "maxiter": 1}, "edm_dpmpp"),
     "mmps_cg4": ("mmps", {"covariance": "tweedie", "maxiter": 4}, "ddpm"),
     "mmps_cg4_edm_dpmpp": ("mmps", {"covariance": "tweedie", "maxiter": 4}, "edm_dpmpp"),
+    "mmps_edm_sde": ("mmps", {"covariance": "tweedie", "maxiter": 1}, "edm_dpmpp_sde"),
+    "mmps_cg4_edm_sde": ("mmps", {"covariance": "tweedie", "maxiter": 4}, "edm_dpmpp_sde"),
 }
 METHOD_LABELS = {
     "mmps": "MMPS, Tweedie (CG 1), DDPM",
@@ -108,9 +110,11 @@ METHOD_LABELS = {
     "mmps_edm_dpmpp": "MMPS, Tweedie (CG 1), EDM DPM-Solver++(2M)",
     "mmps_cg4": "MMPS, Tweedie (CG 4), DDPM",
     "mmps_cg4_edm_dpmpp": "MMPS, Tweedie (CG 4), EDM DPM-Solver++(2M)",
+    "mmps_edm_sde": "MMPS, Tweedie (CG 1), EDM SDE-DPM-Solver++(2M)",
+    "mmps_cg4_edm_sde": "MMPS, Tweedie (CG 4), EDM SDE-DPM-Solver++(2M)",
     "exact": "exact samples (finite-sample floor)",
 }
-EDM_SAMPLERS = ("edm_euler", "edm_dpmpp")
+EDM_SAMPLERS = ("edm_euler", "edm_dpmpp", "edm_dpmpp_sde")
 
 #: Rozet et al. 2024, Appendix E (FFHQ 256x256, DDIM 100 steps). Not found verbatim by this
 #: project's offline search; left empty rather than invented.
@@ -551,8 +555,8 @@ def write_table(exact: dict | None, learned: dict | None, path: Path, source_nam
 
 #: (DDPM reference, samplers compared with it): the same MMPS configuration under other samplers.
 SAMPLER_FAMILIES = (
-    ("mmps", ("mmps_edm_dpmpp", "mmps_edm_euler", "mmps_ddim")),
-    ("mmps_cg4", ("mmps_cg4_edm_dpmpp",)),
+    ("mmps", ("mmps_edm_sde", "mmps_edm_dpmpp", "mmps_edm_euler", "mmps_ddim")),
+    ("mmps_cg4", ("mmps_cg4_edm_sde", "mmps_cg4_edm_dpmpp")),
 )
 
 
