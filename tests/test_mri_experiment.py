@@ -35,6 +35,16 @@ def _cli(*args, cwd=ROOT):
     return subprocess.run([sys.executable, "-m", "diffem.cli", *args], cwd=cwd, capture_output=True, text=True, env=ENV)
 
 
+def _main(capsys, *args):
+    """`diffem ARGS` in this process (no interpreter start-up): (exit code, stdout, stderr)."""
+    from diffem.cli import main
+
+    capsys.readouterr()
+    code = main([str(a) for a in args])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
     """The smoke profile through the command users run."""
@@ -210,9 +220,17 @@ def test_report_regenerates_from_its_results_folder(smoke_run, tmp_path):
 
     first = report(run, "a")
     assert sorted(p.name for p in (results / "cpu").iterdir()) == ["config.yaml", "figure_data.pt", "metrics.jsonl"]
-    second = report(results / "cpu", "b")
+    # What users run: reproduce.sh without training, from the committed result files.
+    out = tmp_path / "out"
+    env = ENV | {"REPORT_ONLY": "1", "RUN_DIR": str(tmp_path / "no-run"), "RESULTS_DIR": str(results),
+                 "TABLES_DIR": str(out), "FIGURES_DIR": str(out)}
+    proc = subprocess.run(["bash", "reproduce.sh", "mri", "--profile", "cpu"], cwd=ROOT, capture_output=True, text=True,
+                          env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "report from the committed results" in proc.stdout
     strip = lambda text: [line for line in text.splitlines() if not line.startswith("Run: ")]  # noqa: E731
-    assert strip(first) == strip(second)
+    assert strip(first) == strip((out / "mri.md").read_text())
+    assert (out / "mri.png").stat().st_size > 0 and (out / "mri_laps.png").stat().st_size > 0
 
 
 # -- configuration ---------------------------------------------------------------------------------
@@ -246,9 +264,9 @@ def test_profiles_resolve():
     assert cpu.data["posterior_samples"] >= 4
 
 
-def test_paper_profile_needs_a_fastmri_folder(tmp_path):
-    proc = _cli("train", "mri", "--profile", "paper", "--output-dir", str(tmp_path / "run"), "--dry-run")
-    assert proc.returncode == 2 and "data.path" in proc.stderr
+def test_paper_profile_needs_a_fastmri_folder(tmp_path, capsys):
+    code, _, err = _main(capsys, "train", "mri", "--profile", "paper", "--output-dir", tmp_path / "run", "--dry-run")
+    assert code == 2 and "data.path" in err
 
 
 def _knee_folder(root: Path, files: int = 3, side: int = 32) -> Path:
@@ -261,13 +279,14 @@ def _knee_folder(root: Path, files: int = 3, side: int = 32) -> Path:
     return folder
 
 
-def test_paper_profile_runs_one_step(tmp_path):
+def test_paper_profile_runs_one_step(tmp_path, capsys):
     """The `paper` profile's own network, sampler and fastMRI loader on synthetic .h5 files, shrunk to one step."""
     folder = _knee_folder(tmp_path)
     common = [f"data.path={folder}", "data.eval_volumes=1", f"data.cache_dir={tmp_path / 'cache'}"]
-    dry = _cli("train", "mri", "--profile", "paper", "--output-dir", str(tmp_path / "run"), "--dry-run", "--set", *common)
-    assert dry.returncode == 0, dry.stderr[-2000:]
-    assert "kind: fastmri" in dry.stdout and "preset: paper" in dry.stdout
+    code, out, err = _main(capsys, "train", "mri", "--profile", "paper", "--output-dir", tmp_path / "run", "--dry-run",
+                           "--set", *common)
+    assert code == 0, err[-2000:]
+    assert "kind: fastmri" in out and "preset: paper" in out
     overrides = common + [
         f"output_dir={tmp_path / 'run'}", "laps=1", "data.size=32", "data.eval_slices=1", "data.posterior_samples=1",
         "data.posterior_steps=1", "data.posterior_maxiter=1", "data.eval_accelerations=[8]",
@@ -286,7 +305,7 @@ def test_paper_profile_runs_one_step(tmp_path):
 
 # -- diffem reconstruct ------------------------------------------------------------------------------
 @needs_brains
-def test_reconstruct_from_npy_nifti_and_h5(smoke_run, tmp_path):
+def test_reconstruct_from_npy_nifti_and_h5(smoke_run, tmp_path, capsys):
     import nibabel as nib
 
     rng = np.random.default_rng(0)
@@ -299,10 +318,10 @@ def test_reconstruct_from_npy_nifti_and_h5(smoke_run, tmp_path):
     write_fastmri(tmp_path / "knee.h5", slices=3, side=16)
     for flag, path in (("--npy", "slice.npy"), ("--nifti", "vol.nii.gz"), ("--h5", "knee.h5")):
         out = tmp_path / f"out{flag}"
-        proc = _cli("reconstruct", str(smoke_run), flag, str(tmp_path / path), "--acceleration", "8", "--samples", "2",
-                    "--steps", "2", "--maxiter", "1", "--output-dir", str(out))
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        summary = json.loads(proc.stdout.strip().splitlines()[-1])
+        code, stdout, err = _main(capsys, "reconstruct", smoke_run, flag, tmp_path / path, "--acceleration", "8",
+                                  "--samples", "2", "--steps", "2", "--maxiter", "1", "--output-dir", out)
+        assert code == 0, err[-3000:]
+        summary = json.loads(stdout.strip().splitlines()[-1])
         assert summary["prior"].endswith("lap_02") and summary["samples"] == 2
         mean, std = np.load(out / "posterior_mean.npy"), np.load(out / "posterior_std.npy")
         assert mean.shape == std.shape == (16, 16) and (std >= 0).all() and std.max() > 0
@@ -310,7 +329,7 @@ def test_reconstruct_from_npy_nifti_and_h5(smoke_run, tmp_path):
         assert summary["zero_filled"]["psnr"] > 15  # A+ y keeps the observed k-space
 
 
-def test_reconstruct_errors(smoke_run, tmp_path):
+def test_reconstruct_errors(smoke_run, tmp_path, capsys):
     from test_data_mri import write_fastmri
 
     write_fastmri(tmp_path / "nokspace.h5", slices=3, kspace=None)
@@ -323,8 +342,8 @@ def test_reconstruct_errors(smoke_run, tmp_path):
              ("--h5", "nan.h5", "NaN or inf"), ("--npy", "four.npy", "got shape (2, 2, 2, 2)"),
              ("--npy", "missing.npy", "not found")]
     for flag, name, message in cases:
-        proc = _cli("reconstruct", str(smoke_run), flag, str(tmp_path / name), "--output-dir", str(tmp_path / "o"))
-        assert proc.returncode == 2 and message in proc.stderr, (name, proc.stderr[-2000:])
-    proc = _cli("reconstruct", str(tmp_path), "--npy", str(tmp_path / "four.npy"))
-    assert proc.returncode == 2 and "neither a saved prior" in proc.stderr
+        code, _, err = _main(capsys, "reconstruct", smoke_run, flag, tmp_path / name, "--output-dir", tmp_path / "o")
+        assert code == 2 and message in err, (name, err[-2000:])
+    code, _, err = _main(capsys, "reconstruct", tmp_path, "--npy", tmp_path / "four.npy")
+    assert code == 2 and "neither a saved prior" in err
     assert not (tmp_path / "o").exists()

@@ -44,7 +44,7 @@ def figure_data(run_dir: Path, records: list[dict], slice_index: int) -> dict | 
     """The images of both figures for one held-out slice, from a run's artifacts or a results folder."""
     saved = run_dir / FIGURE_DATA
     if saved.exists():
-        return torch.load(saved, map_location="cpu")
+        return _float(torch.load(saved, map_location="cpu"))
     arts = {}
     for r in records:
         path = run_dir / "eval" / f"lap_{r['lap']:02d}.pt"
@@ -70,6 +70,23 @@ def figure_data(run_dir: Path, records: list[dict], slice_index: int) -> dict | 
                                 "std": None if a.get("std") is None else a["std"][i].float().clone(),
                                 "zero_filled": _magnitude(a["zero_filled"][i])}
     return out
+
+
+def _half(tree):
+    """Floating-point tensors of a nested dict as float16 (masks and numbers unchanged)."""
+    if isinstance(tree, dict):
+        return {k: _half(v) for k, v in tree.items()}
+    if torch.is_tensor(tree) and tree.is_floating_point():
+        return tree.half()
+    return tree
+
+
+def _float(tree):
+    if isinstance(tree, dict):
+        return {k: _float(v) for k, v in tree.items()}
+    if torch.is_tensor(tree) and tree.is_floating_point():
+        return tree.float()
+    return tree
 
 
 # -- table ---------------------------------------------------------------------------------------
@@ -151,6 +168,20 @@ def write_table(config: dict, records: list[dict], path: Path, run_dir: Path) ->
                 f"{fmt(m['ssim_zero_filled'])} | {fmt(f.get('ssim_posterior_mean'))} | {fmt(m['ssim_posterior_mean'])} | "
                 f"{fmt(m['nmse_posterior_mean'])} | {fmt(m.get('posterior_std'))} |"
             )
+        lines += ["", f"## Does the last lap's posterior mean beat the zero-filled image and lap {first['lap']}?", "",
+                  "| R | PSNR vs zero-filled | PSNR vs lap 0 | SSIM vs zero-filled | SSIM vs lap 0 |",
+                  "|---:|---|---|---|---|"]
+        for R in ("6", "8"):
+            m, f = last["accelerations"].get(R), first["accelerations"].get(R)
+            if m is None or f is None:
+                continue
+
+            def verdict(key, reference):
+                mine = m[f"{key}_posterior_mean"]
+                return f"{'yes' if mine > reference else 'no'} ({fmt(mine)} vs {fmt(reference)})"
+
+            lines.append(f"| {R} | {verdict('psnr', m['psnr_zero_filled'])} | {verdict('psnr', f['psnr_posterior_mean'])} | "
+                         f"{verdict('ssim', m['ssim_zero_filled'])} | {verdict('ssim', f['ssim_posterior_mean'])} |")
         lines += ["", "## Every evaluated lap", ""]
         for R in last["accelerations"]:
             lines += [
@@ -204,8 +235,9 @@ def write_figure(data: dict | None, path: Path) -> None:
     rows = [R for R in FIGURE_R if R in data["accelerations"]]
     truth = data["truth"]
     vmax = float(truth.max())
-    std_max = max([float(data["accelerations"][R]["std"].max()) for R in rows if data["accelerations"][R]["std"] is not None]
-                  or [1.0])
+    # A robust scale (the median over rows of each row's 99th percentile): one diverged sample must not darken the rest.
+    stds = [data["accelerations"][R]["std"] for R in rows if data["accelerations"][R]["std"] is not None]
+    std_max = float(torch.stack([s.flatten().quantile(0.99) for s in stds]).median()) if stds else 1.0
     cols = ["mask", "zero-filled (A+ y)", "sample 1", "sample 2", "posterior std", "ground truth"]
     fig, axes = plt.subplots(len(rows), len(cols), figsize=(1.7 * len(cols), 1.75 * len(rows) + 0.4), squeeze=False)
     for row, R in zip(axes, rows):
@@ -224,7 +256,7 @@ def write_figure(data: dict | None, path: Path) -> None:
         row[0].set_ylabel(f"R = {R}", fontsize=9)
     for ax, name in zip(axes[0], cols):
         ax.set_title(name, fontsize=8)
-    save_figure(fig, path, f"{title} (lap {data['last_lap']}; std scale 0-{std_max:.2f})", dpi=130, fontsize=9)
+    save_figure(fig, path, f"{title} (lap {data['last_lap']}; std colour scale 0-{std_max:.2f}, clipped)", dpi=130, fontsize=9)
 
 
 def write_laps_figure(data: dict | None, path: Path) -> None:
@@ -234,10 +266,10 @@ def write_laps_figure(data: dict | None, path: Path) -> None:
     laps = sorted(data["laps"])
     truth = data["truth"]
     vmax = float(truth.max())
-    fig, axes = plt.subplots(2, len(laps) + 2, figsize=(1.7 * (len(laps) + 2), 3.9), squeeze=False)
+    fig, axes = plt.subplots(2, len(laps) + 2, figsize=(1.7 * (len(laps) + 2), 4.4), squeeze=False)
     first = data["laps"][laps[0]]
     _show(axes[0, 0], truth, "ground truth", vmax=vmax)
-    _show(axes[1, 0], first["zero_filled"], "zero-filled", vmax=vmax)
+    _show(axes[1, 0], first["zero_filled"], "\nzero-filled", vmax=vmax)
     axes[0, 1].axis("off"), axes[1, 1].axis("off")
     axes[0, 1].text(0.5, 0.5, "one posterior\nsample", ha="center", va="center", fontsize=8)
     axes[1, 1].text(0.5, 0.5, "posterior mean", ha="center", va="center", fontsize=8)
@@ -246,7 +278,7 @@ def write_laps_figure(data: dict | None, path: Path) -> None:
         err = lambda x: 10 * torch.log10(1 / (x - truth).square().mean()).item()  # noqa: E731
         name = "Gaussian" if lap == 0 else "U-Net"
         _show(axes[0, j + 2], entry["sample"], f"lap {lap} ({name})\n{err(entry['sample']):.1f} dB", vmax=vmax)
-        _show(axes[1, j + 2], entry["mean"], f"{err(entry['mean']):.1f} dB", vmax=vmax)
+        _show(axes[1, j + 2], entry["mean"], f"\n{err(entry['mean']):.1f} dB", vmax=vmax)
     save_figure(fig, path, title + " (PSNR of this slice)", dpi=130, fontsize=9)
 
 
@@ -273,8 +305,8 @@ def main(argv=None) -> int:
             target.mkdir(parents=True, exist_ok=True)
             for name in ("config.yaml", "metrics.jsonl"):
                 (target / name).write_text((args.run_dir / name).read_text())
-            if data is not None:
-                torch.save(data, target / FIGURE_DATA)
+            if data is not None:  # float16: the figures need no more, and the file stays small
+                torch.save(_half(data), target / FIGURE_DATA)
     print(f"wrote {args.table}, {args.figure} and {laps_figure}")
     return 0
 
