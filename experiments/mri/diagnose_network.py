@@ -9,7 +9,9 @@ on the clean training slices for STEPS steps of batch 32 (the M-step's settings:
 is background (-2, std 0). This separates the network's capacity from EM: if a network cannot
 produce a clean background from clean images in this budget, EM cannot either. It reads clean
 images, so it is a diagnostic, never part of a run. Measured (2 cores, shared, 480 steps):
-4x4 unshuffle: corner std 0.72 (DDIM 32; 6 min); 2x2 unshuffle: 0.21 (DDIM 32), 0.22 (DDIM 128; 15 min).
+4x4 unshuffle: corner std 0.72 (DDIM 32; 6 min); 2x2 unshuffle: 0.21 (DDIM 32), 0.22 (DDIM 128; 15 min),
+and its posterior mean on the held-out slices (MMPS, DDPM 32, CG 3, 4 samples) beats the zero-filled
+image: R = 6 22.9 dB / SSIM 0.552 vs 21.9 / 0.508; R = 8 23.0 / 0.555 vs 20.9 / 0.484.
 """
 
 import sys
@@ -44,3 +46,9 @@ for n in (32, 128):
     p = pipe(8, n, make_generators(0, indices=range(8)), progress=False).samples
     corner = torch.cat([p[:, :, :6, :6].flatten(), p[:, :, -6:, -6:].flatten()])
     print(f"factor {factor}, {steps} steps on clean slices, DDIM {n}: prior corner mean {float(corner.mean()):.2f} std {float(corner.std()):.3f}, range {float(p.min()):.2f} {float(p.max()):.2f}, {time.time()-t0:.0f}s", flush=True)
+# The posterior of this clean-trained prior on the held-out slices (the run's evaluation at R = 6 and 8).
+task.data["eval_accelerations"] = [6, 8]
+out = task.evaluate(pipe, 0, 12345, progress=False)
+for R, m in out["accelerations"].items():
+    print(f"R = {R}: posterior mean PSNR {m['psnr_posterior_mean']:.2f} SSIM {m['ssim_posterior_mean']:.3f}; "
+          f"zero-filled PSNR {m['psnr_zero_filled']:.2f} SSIM {m['ssim_zero_filled']:.3f}", flush=True)
