@@ -183,12 +183,11 @@ class EMTrainer:
         for lap in sorted(done):
             if needs_evaluation(self.config, records.get(lap), lap):
                 out.append(self.evaluate(lap))
-        for lap in range(self.config.laps + 1):
-            if lap in done:
-                continue
+        ran = [lap for lap in range(self.config.laps + 1) if lap not in done]
+        for lap in ran:
             out.append(self.lap0(obs) if lap == 0 else self.lap(lap, obs))
-        if out:  # the last lap's evaluated record (and any upload that failed) reaches the Hub too
-            self.after_lap_saved(max(r["lap"] for r in out))
+        if ran:  # the last lap's evaluated record (and any upload that failed) reaches the Hub too
+            self.after_lap_saved(ran[-1])
         return out
 
     def lap0(self, obs: ObservationSet) -> dict:
