@@ -50,7 +50,16 @@ def sample_beta33(n: int, generator: torch.Generator, device=None, dtype=torch.f
     return u.sort(dim=1).values[:, 2].to(device)
 
 
-def _check_sigma(sigma, x_t: Tensor) -> Tensor:
+def sigma_vector(sigma, x_t: Tensor) -> Tensor:
+    """Noise levels ``sigma`` as a ``(B,)`` tensor of ``x_t``'s dtype and device, ``B = x_t.shape[0]``.
+
+    Arguments:
+        sigma: A float, a 0-d tensor (expanded to ``(B,)``) or a ``(B,)`` tensor, in data units.
+        x_t: The noisy batch ``(B, ...)`` the levels belong to.
+
+    Raises:
+        ValueError: ``sigma`` has another shape, or a level is not > 0.
+    """
     b = x_t.shape[0]
     sigma = torch.as_tensor(sigma, dtype=x_t.dtype, device=x_t.device)
     if sigma.dim() == 0:
@@ -60,6 +69,11 @@ def _check_sigma(sigma, x_t: Tensor) -> Tensor:
     if not (sigma > 0).all():
         raise ValueError("`sigma` must be > 0")
     return sigma
+
+
+def expand_as(s: Tensor, like: Tensor) -> Tensor:
+    """A per-sample ``(B,)`` tensor reshaped to ``(B, 1, ..., 1)`` to broadcast against ``like`` ``(B, ...)``."""
+    return s.reshape(-1, *([1] * (like.dim() - 1)))
 
 
 class Denoiser(nn.Module):
@@ -82,8 +96,8 @@ class Denoiser(nn.Module):
         self.backbone = backbone
 
     def forward(self, x_t: Tensor, sigma) -> Tensor:
-        sigma = _check_sigma(sigma, x_t)
-        s = sigma.reshape(-1, *([1] * (x_t.dim() - 1)))
+        sigma = sigma_vector(sigma, x_t)
+        s = expand_as(sigma, x_t)
         c_skip = 1 / (s**2 + 1)
         c_out = s / (s**2 + 1).sqrt()
         c_in = 1 / (s**2 + 1).sqrt()
@@ -103,7 +117,7 @@ class Denoiser(nn.Module):
         t = sample_beta33(x.shape[0], generator, device=x.device, dtype=x.dtype)
         sigma = sigma_of_t(t)
         z = torch.randn(x.shape, generator=generator, device=generator.device, dtype=x.dtype).to(x.device)
-        x_t = x + sigma.reshape(-1, *([1] * (x.dim() - 1))) * z
+        x_t = x + expand_as(sigma, x) * z
         error = (self(x_t, sigma) - x).square().flatten(1).mean(dim=1)
         return ((1 / sigma**2 + 1) * error).mean()
 

@@ -37,21 +37,10 @@ from diffusers import ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
 from torch import Tensor
 
+from .denoiser import sigma_vector
 from .operators import LinearOperator, _check_noise_std, check_finite
 
 __all__ = ["GaussianPrior", "operator_matrix", "fit_gaussian_em"]
-
-
-def _sigma_vector(sigma, batch: int, like: Tensor) -> Tensor:
-    """Validate ``sigma`` (float, 0-d or (B,) tensor, > 0) and return it as ``(B,)``."""
-    sigma = torch.as_tensor(sigma, dtype=like.dtype, device=like.device)
-    if sigma.dim() == 0:
-        sigma = sigma.expand(batch)
-    elif sigma.shape != (batch,):
-        raise ValueError(f"`sigma` must be a scalar or have shape ({batch},), got {tuple(sigma.shape)}")
-    if not (sigma > 0).all():
-        raise ValueError("`sigma` must be > 0")
-    return sigma
 
 
 def operator_matrix(operator: LinearOperator, in_shape: Sequence[int], dtype=torch.float64) -> Tensor:
@@ -195,8 +184,7 @@ class GaussianPrior(ModelMixin, ConfigMixin):
         """
         if tuple(x_t.shape[1:]) != self.event_shape:
             raise ValueError(f"`x_t` must have shape (B, {self.event_shape}), got {tuple(x_t.shape)}")
-        b = x_t.shape[0]
-        s2 = _sigma_vector(sigma, b, x_t).square().to(self.mean.dtype)
+        s2 = sigma_vector(sigma, x_t).square().to(self.mean.dtype)
         r = x_t.flatten(1).to(self.mean.dtype) - self.mean
         return (x_t.flatten(1).to(self.mean.dtype) - s2[:, None] * self._solve(r, s2)).reshape_as(x_t).to(x_t.dtype)
 

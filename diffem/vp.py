@@ -55,6 +55,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from .denoiser import expand_as, sigma_vector
+
 __all__ = ["VPDenoiser", "PREDICTION_TYPES"]
 
 #: The prediction types the adapter understands (diffusers' names).
@@ -139,20 +141,12 @@ class VPDenoiser(nn.Module):
 
     # -- denoiser ---------------------------------------------------------------------------------
     def forward(self, x_t: Tensor, sigma) -> Tensor:
-        b = x_t.shape[0]
-        sigma = torch.as_tensor(sigma, dtype=x_t.dtype, device=x_t.device)
-        if sigma.dim() == 0:
-            sigma = sigma.expand(b)
-        elif sigma.shape != (b,):
-            raise ValueError(f"`sigma` must be a scalar or have shape ({b},), got {tuple(sigma.shape)}")
-        if not (sigma > 0).all():
-            raise ValueError("`sigma` must be > 0")
-        shape = (-1, *([1] * (x_t.dim() - 1)))
+        sigma = sigma_vector(sigma, x_t)
         s = self.data_scale
         sigma_ckpt = (sigma / s).to(torch.float64)
         alpha_bar = 1 / (1 + sigma_ckpt.square())
-        a = alpha_bar.sqrt().to(x_t.dtype).reshape(shape)
-        c = (1 - alpha_bar).sqrt().to(x_t.dtype).reshape(shape)
+        a = expand_as(alpha_bar.sqrt().to(x_t.dtype), x_t)
+        c = expand_as((1 - alpha_bar).sqrt().to(x_t.dtype), x_t)
         x_ve = x_t / s
         x_vp = a * x_ve
         t = self.timestep(sigma).to(torch.float32)

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import math
 
-import torch
 from torch import Tensor
 
+from ..denoiser import expand_as
+from ..denoiser import sigma_vector as _sigma_vector
 from ..operators import LinearOperator, _check_noise_std, check_batch, check_finite
 
 __all__ = ["check_observation", "sigma_vector", "expand_as", "check_maxiter", "check_tol", "check_nonnegative"]
@@ -50,16 +51,4 @@ def sigma_vector(sigma, x_t: Tensor, batch: int) -> Tensor:
     r"""``sigma`` (float, 0-d or ``(B,)``, > 0) as a ``(B,)`` tensor of ``x_t``'s dtype and device."""
     if x_t.shape[0] != batch:
         raise ValueError(f"`x_t` has batch size {x_t.shape[0]}, expected {batch} (one per observation)")
-    sigma = torch.as_tensor(sigma, dtype=x_t.dtype, device=x_t.device)
-    if sigma.dim() == 0:
-        sigma = sigma.expand(batch)
-    elif sigma.shape != (batch,):
-        raise ValueError(f"`sigma` must be a scalar or have shape ({batch},), got {tuple(sigma.shape)}")
-    if not (sigma > 0).all():
-        raise ValueError("`sigma` must be > 0")
-    return sigma
-
-
-def expand_as(s: Tensor, like: Tensor) -> Tensor:
-    """A per-sample ``(B,)`` tensor reshaped to broadcast against ``like`` ``(B, ...)``."""
-    return s.reshape(-1, *([1] * (like.dim() - 1)))
+    return _sigma_vector(sigma, x_t)
