@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import math
 
-from torch import Tensor
+import torch
+from torch import Tensor, nn
 
 from ..denoiser import expand_as
 from ..denoiser import sigma_vector as _sigma_vector
 from ..operators import LinearOperator, _check_noise_std, check_batch, check_finite
 
-__all__ = ["check_observation", "sigma_vector", "expand_as", "check_maxiter", "check_tol", "check_nonnegative"]
+__all__ = [
+    "check_observation", "sigma_vector", "expand_as", "check_maxiter", "check_tol", "check_nonnegative", "StepHook",
+]
 
 
 def check_observation(y: Tensor, operator: LinearOperator, noise_std) -> float:
@@ -52,3 +55,28 @@ def sigma_vector(sigma, x_t: Tensor, batch: int) -> Tensor:
     if x_t.shape[0] != batch:
         raise ValueError(f"`x_t` has batch size {x_t.shape[0]}, expected {batch} (one per observation)")
     return _sigma_vector(sigma, x_t)
+
+
+class StepHook(nn.Module):
+    r"""The shared half of the guidance step hooks (DPS, :math:`\Pi`GDM).
+
+    ``hook(x_t, sigma)`` returns the prior's :math:`\hat{x}` (shape of ``x_t``, detached) and
+    keeps ``x_t`` (with gradient) and :math:`\hat{x}(x_t)` for the subclass's
+    ``step_correction``, which takes them back with :meth:`_take_pending`. A subclass sets
+    ``denoiser`` and ``y`` ``(B, *out_shape)`` and ``_pending = None``.
+    """
+
+    def forward(self, x_t: Tensor, sigma) -> Tensor:
+        sigma = sigma_vector(sigma, x_t, self.y.shape[0])
+        with torch.enable_grad():
+            x_t = x_t.detach().requires_grad_(True)
+            x_hat = self.denoiser(x_t, sigma)
+        self._pending = (x_t, x_hat, sigma)
+        return x_hat.detach()
+
+    def _take_pending(self) -> tuple[Tensor, Tensor, Tensor]:
+        """``(x_t, x_hat, sigma)`` of the last call, once; RuntimeError without a preceding call."""
+        if self._pending is None:
+            raise RuntimeError("call the hook on x_t before `step_correction`")
+        pending, self._pending = self._pending, None
+        return pending

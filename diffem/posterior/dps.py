@@ -30,15 +30,15 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from ..operators import LinearOperator
-from ._common import check_nonnegative, check_observation, expand_as, sigma_vector
+from ._common import StepHook, check_nonnegative, check_observation, expand_as, sigma_vector
 
 __all__ = ["DPSGuidance"]
 
 
-class DPSGuidance(nn.Module):
+class DPSGuidance(StepHook):
     r"""DPS as a sampler step hook.
 
     A step hook is called like a denoiser, ``x_hat = hook(x_t, sigma)`` (the prior's
@@ -64,21 +64,10 @@ class DPSGuidance(nn.Module):
         self.denoiser, self.y, self.operator = denoiser, y, operator
         self._pending = None
 
-    def forward(self, x_t: Tensor, sigma) -> Tensor:
-        sigma = sigma_vector(sigma, x_t, self.y.shape[0])
-        with torch.enable_grad():
-            x_t = x_t.detach().requires_grad_(True)
-            x_hat = self.denoiser(x_t, sigma)
-        self._pending = (x_t, x_hat, sigma)
-        return x_hat.detach()
-
     def step_correction(self, sigma_next) -> Tensor:
         r"""The DPS update :math:`-\zeta \sqrt{(1+\sigma_t^2)(1+\sigma_s^2)} \nabla_{x_t} \lVert y - A\hat{x} \rVert`
         for the last call, shape of ``x_t``; ``sigma_next`` is :math:`\sigma_s` (float, 0-d or ``(B,)``)."""
-        if self._pending is None:
-            raise RuntimeError("call the hook on x_t before `step_correction`")
-        x_t, x_hat, sigma = self._pending
-        self._pending = None
+        x_t, x_hat, sigma = self._take_pending()
         sigma_s = sigma_vector(sigma_next, x_t, x_t.shape[0])
         r = (self.y - self.operator(x_hat.detach())).detach()
         norm = r.flatten(1).norm(dim=1).clamp_min(torch.finfo(r.dtype).tiny)

@@ -42,18 +42,18 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from ..linalg import conjugate_gradient
 from ..operators import LinearOperator
-from ._common import check_maxiter, check_nonnegative, check_observation, check_tol, expand_as, sigma_vector
+from ._common import StepHook, check_maxiter, check_nonnegative, check_observation, check_tol, expand_as
 
 __all__ = ["PiGDMGuidance"]
 
 FORMS = ("noisy", "noiseless")
 
 
-class PiGDMGuidance(nn.Module):
+class PiGDMGuidance(StepHook):
     r""":math:`\Pi`GDM as a sampler step hook (see :class:`~diffem.posterior.DPSGuidance` for the protocol).
 
     Arguments:
@@ -97,14 +97,6 @@ class PiGDMGuidance(nn.Module):
         self.denoiser, self.y, self.operator = denoiser, y, operator
         self._pending = None
 
-    def forward(self, x_t: Tensor, sigma) -> Tensor:
-        sigma = sigma_vector(sigma, x_t, self.y.shape[0])
-        with torch.enable_grad():
-            x_t = x_t.detach().requires_grad_(True)
-            x_hat = self.denoiser(x_t, sigma)
-        self._pending = (x_t, x_hat, sigma)
-        return x_hat.detach()
-
     def direction(self, x_hat: Tensor, sigma: Tensor) -> Tensor:
         r""":math:`h = r_t^2 A^T (\sigma_y^2 I + r_t^2 A A^T)^{-1} (y - A \hat{x})` (or :math:`A^+ (y - A\hat{x})`), shape of ``x_hat``."""
         A = self.operator
@@ -118,10 +110,7 @@ class PiGDMGuidance(nn.Module):
 
     def step_correction(self, sigma_next=None) -> Tensor:
         r"""The update :math:`w J^T h` for the last call, shape of ``x_t`` (``sigma_next`` is not used)."""
-        if self._pending is None:
-            raise RuntimeError("call the hook on x_t before `step_correction`")
-        x_t, x_hat, sigma = self._pending
-        self._pending = None
+        x_t, x_hat, sigma = self._take_pending()
         h = self.direction(x_hat.detach(), sigma)
         (grad,) = torch.autograd.grad(x_hat, x_t, h)
         return (self.weight * grad).detach()
