@@ -3,6 +3,7 @@ r"""Shared checks and helpers of the posterior methods (not public API)."""
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 from torch import Tensor, nn
@@ -13,6 +14,7 @@ from ..operators import LinearOperator, _check_noise_std, check_batch, check_fin
 
 __all__ = [
     "check_observation", "sigma_vector", "expand_as", "check_maxiter", "check_tol", "check_nonnegative", "StepHook",
+    "denoise_with_vjp",
 ]
 
 
@@ -55,6 +57,29 @@ def sigma_vector(sigma, x_t: Tensor, batch: int) -> Tensor:
     if x_t.shape[0] != batch:
         raise ValueError(f"`x_t` has batch size {x_t.shape[0]}, expected {batch} (one per observation)")
     return _sigma_vector(sigma, x_t)
+
+
+
+def denoise_with_vjp(denoiser: Callable, x_t: Tensor, sigma: Tensor, operator: LinearOperator, y: Tensor):
+    r"""The prior's :math:`\hat{x}(x_t)`, :math:`A \hat{x}` and :math:`v \mapsto J^T v` (:math:`J = \partial \hat{x} / \partial x_t`).
+
+    Call inside ``torch.enable_grad()``. ``x_t`` ``(B, *event_shape)``, ``sigma`` ``(B,)``,
+    ``y`` ``(B, *out_shape)``. Returns ``(x_hat, y_hat, vjp)``: ``x_hat`` and ``y_hat`` carry
+    the graph; ``vjp(v)`` takes ``v`` of ``x_hat``'s shape and keeps the graph for more calls.
+
+    Raises:
+        ValueError: ``A(x_hat)`` does not have ``y``'s shape.
+    """
+    x_t = x_t.detach().requires_grad_(True)
+    x_hat = denoiser(x_t, sigma)
+    y_hat = operator(x_hat)
+    if y_hat.shape != y.shape:
+        raise ValueError(f"`y` has shape {tuple(y.shape)} but A(x) has shape {tuple(y_hat.shape)}")
+
+    def vjp(v: Tensor) -> Tensor:
+        return torch.autograd.grad(x_hat, x_t, v, retain_graph=True)[0]
+
+    return x_hat, y_hat, vjp
 
 
 class StepHook(nn.Module):

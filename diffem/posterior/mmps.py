@@ -51,7 +51,7 @@ from torch import Tensor, nn
 
 from ..linalg import conjugate_gradient
 from ..operators import LinearOperator
-from ._common import check_maxiter, check_observation, check_tol, expand_as, sigma_vector
+from ._common import check_maxiter, check_observation, check_tol, denoise_with_vjp, expand_as, sigma_vector
 
 __all__ = ["MMPSDenoiser", "COVARIANCES"]
 
@@ -153,15 +153,8 @@ class MMPSDenoiser(nn.Module):
         A, var_y = self.operator, self.noise_std**2
 
         with torch.enable_grad():
-            x_t = x_t.detach().requires_grad_(True)
-            x_hat = self.denoiser(x_t, sigma)
-            y_hat = A(x_hat)
-            if y_hat.shape != self.y.shape:
-                raise ValueError(f"`y` has shape {tuple(self.y.shape)} but A(x) has shape {tuple(y_hat.shape)}")
+            x_hat, y_hat, vjp = denoise_with_vjp(self.denoiser, x_t, sigma, A, self.y)
             b = (self.y - y_hat).detach()
-
-            def vjp(v: Tensor) -> Tensor:
-                return torch.autograd.grad(x_hat, x_t, v, retain_graph=True)[0]
 
             if self.covariance == "tweedie":
 

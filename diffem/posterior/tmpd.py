@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from ..operators import LinearOperator
-from ._common import check_observation, expand_as, sigma_vector
+from ._common import check_observation, denoise_with_vjp, expand_as, sigma_vector
 
 __all__ = ["TMPDDenoiser"]
 
@@ -56,15 +56,7 @@ class TMPDDenoiser(nn.Module):
         sigma = sigma_vector(sigma, x_t, self.y.shape[0])
         A = self.operator
         with torch.enable_grad():
-            x_t = x_t.detach().requires_grad_(True)
-            x_hat = self.denoiser(x_t, sigma)
-            y_hat = A(x_hat)
-            if y_hat.shape != self.y.shape:
-                raise ValueError(f"`y` has shape {tuple(self.y.shape)} but A(x) has shape {tuple(y_hat.shape)}")
-
-            def vjp(v: Tensor) -> Tensor:
-                return torch.autograd.grad(x_hat, x_t, v, retain_graph=True)[0]
-
+            x_hat, y_hat, vjp = denoise_with_vjp(self.denoiser, x_t, sigma, A, self.y)
             c = expand_as(sigma.square(), self.y) * A(vjp(A.T(torch.ones_like(self.y))))
             u = (self.y - y_hat).detach() / (self.noise_std**2 + c.clamp_min(0))
             score = vjp(A.T(u))
