@@ -22,29 +22,7 @@ from diffem.operators import GaussianObservation, Mask, Projection
 from diffem.posterior import MMPSDenoiser
 from diffem.sampling import sample_posterior
 
-
-def _gen(seed):
-    return torch.Generator().manual_seed(seed)
-
-
-def _prior(d, event, g, rank=2, diag=0.3):
-    mean = torch.randn(d, generator=g, dtype=torch.float64)
-    factor = torch.randn(d, rank, generator=g, dtype=torch.float64)
-    return GaussianPrior.from_parameters(mean, factor, diag, event_shape=event)
-
-
-def _mask_case(B, g):
-    mask = torch.rand(B, 1, 3, 3, generator=g) < 0.5
-    mask[:, 0, 1, 1] = True
-    return Mask(mask, channels=2), (2, 3, 3)
-
-
-def _projection_case(B, g):
-    M = torch.randn(B, 2, 5, generator=g, dtype=torch.float64)
-    return Projection(M / M.norm(dim=-1, keepdim=True)), (5,)
-
-
-CASES = {"mask": _mask_case, "projection": _projection_case}
+from posterior_cases import CASES, gen, low_rank_prior, projection_case
 
 
 def stacked_posterior_mean(prior, A_dense, x_t, y, sigma, noise_std):
@@ -70,11 +48,11 @@ def exact_posterior(prior, A_dense, y, noise_std):
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("sigma", [1e-3, 1e-2, 1e-1, 1.0, 10.0, 1e2])
 def test_mmps_is_exact_for_gaussian_prior(case, sigma):
-    g = _gen(0)
+    g = gen(0)
     B, noise_std = 4, 0.1
     A, event = CASES[case](B, g)
     d = math.prod(event)
-    prior = _prior(d, event, g)
+    prior = low_rank_prior(d, event, g)
     x = prior.sample(B, generator=g)
     y = GaussianObservation(A, noise_std).sample(x, generator=g)
     x_t = x + sigma * torch.randn(x.shape, generator=g, dtype=torch.float64)
@@ -92,11 +70,11 @@ def test_mmps_is_exact_for_gaussian_prior(case, sigma):
 @pytest.mark.parametrize("case", list(CASES))
 def test_mmps_per_sample_sigma_and_operators(case):
     """Each sample has its own sigma and operator; the batch equals the samples run alone."""
-    g = _gen(1)
+    g = gen(1)
     B, noise_std = 4, 0.1
     A, event = CASES[case](B, g)
     d = math.prod(event)
-    prior = _prior(d, event, g)
+    prior = low_rank_prior(d, event, g)
     x = prior.sample(B, generator=g)
     y = GaussianObservation(A, noise_std).sample(x, generator=g)
     sigma = torch.tensor([1e-2, 0.3, 3.0, 50.0], dtype=torch.float64)
@@ -113,10 +91,10 @@ def test_mmps_per_sample_sigma_and_operators(case):
 
 def test_mmps_one_cg_iteration_moves_toward_the_observation():
     """maxiter = 1 is approximate, but reduces the data misfit ||y - A x_hat|| vs the prior denoiser."""
-    g = _gen(2)
+    g = gen(2)
     B, noise_std, sigma = 8, 0.05, 0.5
-    A, event = _projection_case(B, g)
-    prior = _prior(5, event, g)
+    A, event = projection_case(B, g)
+    prior = low_rank_prior(5, event, g)
     x = prior.sample(B, generator=g)
     y = GaussianObservation(A, noise_std).sample(x, generator=g)
     x_t = x + sigma * torch.randn(x.shape, generator=g, dtype=torch.float64)
@@ -163,7 +141,7 @@ def _small_mask_case(B, g):
     return Mask(mask, channels=2), (2, 2, 2)
 
 
-STAT_CASES = {"mask": _small_mask_case, "projection": _projection_case}
+STAT_CASES = {"mask": _small_mask_case, "projection": projection_case}
 
 
 @pytest.mark.parametrize("case", list(STAT_CASES))
@@ -177,11 +155,11 @@ def test_sample_posterior_matches_exact_posterior(case):
     0.08 against the covariance that DDPM with an exact denoiser provably produces
     (same eigenvectors, eigenvalues scaled by :func:`ddpm_variance_factor`).
     """
-    g = _gen(3)
+    g = gen(3)
     K, R, noise_std, steps = 2, 5000, 0.1, 256
     A, event = STAT_CASES[case](K, g)
     d = math.prod(event)
-    prior = _prior(d, event, g, rank=2, diag=0.2)
+    prior = low_rank_prior(d, event, g, rank=2, diag=0.2)
     x = prior.sample(K, generator=g)
     y = GaussianObservation(A, noise_std).sample(x, generator=g)
     # Repeat each observation (and its operator) R times: a (K * R,) batched operator.
@@ -189,7 +167,7 @@ def test_sample_posterior_matches_exact_posterior(case):
     m = math.prod(A.out_shape)
     samples = sample_posterior(
         prior, y[idx].float(), A[idx], noise_std, event_shape=event, steps=steps, maxiter=m,
-        generator=_gen(4), batch_size=K * R,
+        generator=gen(4), batch_size=K * R,
     )
     assert samples.shape == (K * R, *event) and torch.isfinite(samples).all()
     samples = samples.double().reshape(K, R, d)
@@ -278,7 +256,7 @@ def _relative_to_correction(out, ref, x_hat):
 @pytest.mark.parametrize("tol", [0.0, 0.3])
 def test_fast_mmps_equals_the_straightforward_form(case, maxiter, tol):
     """<= 1e-10 relative to the size of the correction sigma^2 J^T A^T v, float64."""
-    g = _gen(10 + maxiter)
+    g = gen(10 + maxiter)
     denoiser, A, y, x_t, sigma = _fast_case(case, 6, g)
     out = MMPSDenoiser(denoiser, y, A, 0.05, maxiter=maxiter, tol=tol)(x_t, sigma)
     ref, x_hat = reference_mmps(denoiser, y, A, 0.05, x_t, sigma, maxiter, tol)
@@ -292,7 +270,7 @@ def test_fast_mmps_equals_the_straightforward_form(case, maxiter, tol):
 @pytest.mark.parametrize("maxiter", [1, 3, 8])
 def test_fast_mmps_equals_the_straightforward_form_under_the_curvature_guard(case, maxiter):
     """An indefinite Jacobian: some CG directions have p^T M p <= 0 and freeze their sample."""
-    g = _gen(20 + maxiter)
+    g = gen(20 + maxiter)
     denoiser, A, y, x_t, sigma = _fast_case(case, 6, g, denoiser_kind="indefinite")
     sigma = torch.full_like(sigma, 2.0)
     curv = []

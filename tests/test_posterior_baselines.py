@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from diffem.gaussian import GaussianPrior, operator_matrix
-from diffem.operators import GaussianObservation, LinearOperator, Mask, Projection
+from diffem.operators import GaussianObservation, LinearOperator, Mask
 from diffem.posterior import (
     GUIDANCES,
     DiffPIRDenoiser,
@@ -28,41 +28,24 @@ from diffem.posterior import (
 )
 from diffem.sampling import sample_posterior
 
-
-def _gen(seed):
-    return torch.Generator().manual_seed(seed)
-
-
-def _mask_case(B, g):
-    mask = torch.rand(B, 1, 3, 3, generator=g) < 0.5
-    mask[:, 0, 1, 1] = True
-    return Mask(mask, channels=2), (2, 3, 3)
-
-
-def _projection_case(B, g):
-    M = torch.randn(B, 2, 5, generator=g, dtype=torch.float64)
-    return Projection(M / M.norm(dim=-1, keepdim=True)), (5,)
-
-
-CASES = {"mask": _mask_case, "projection": _projection_case}
+from posterior_cases import CASES, gen, low_rank_prior
 
 
 def _gaussian(d, event, g, kind):
+    if kind in ("identity", "dense"):  # N(mu, I), or N(mu, 0.3 I + U U^T) with U (d, 2)
+        return low_rank_prior(d, event, g, identity=kind == "identity")
     mean = torch.randn(d, generator=g, dtype=torch.float64)
     if kind == "diagonal":  # D I + diag(s^2): diagonal, not isotropic
         s = torch.rand(d, generator=g, dtype=torch.float64) * 1.5 + 0.2
         return GaussianPrior.from_parameters(mean, torch.diag(s), 0.1, event_shape=event)
-    if kind == "identity":
-        return GaussianPrior.from_parameters(mean, torch.zeros(d, 0, dtype=torch.float64), 1.0, event_shape=event)
     if kind.startswith("isotropic"):
         c = float(kind.split(":")[1])
         return GaussianPrior.from_parameters(mean, torch.zeros(d, 0, dtype=torch.float64), c, event_shape=event)
-    factor = torch.randn(d, 2, generator=g, dtype=torch.float64)
-    return GaussianPrior.from_parameters(mean, factor, 0.3, event_shape=event)
+    raise ValueError(f"unknown prior kind {kind!r}")
 
 
 def _setup(case, kind, sigma, seed=0, noise_std=0.1, B=4):
-    g = _gen(seed)
+    g = gen(seed)
     A, event = CASES[case](B, g)
     prior = _gaussian(math.prod(event), event, g, kind)
     x = prior.sample(B, generator=g)
@@ -238,7 +221,7 @@ OPTIONS = {
 def test_every_method_samples_closer_to_the_posterior_than_the_prior(guidance):
     """2 observations x 300 samples, DDPM 64 steps: the sample mean is 4x nearer the exact posterior mean than
     the prior mean is (qualitative for DPS / PiGDM / DiffPIR; MMPS and TMPD are exact here)."""
-    g = _gen(7)
+    g = gen(7)
     K, R, noise_std = 2, 300, 0.1
     mask = torch.rand(K, 1, 2, 2, generator=g) < 0.5
     mask[:, 0, 0, 1] = True
@@ -247,7 +230,7 @@ def test_every_method_samples_closer_to_the_posterior_than_the_prior(guidance):
     x = prior.mean.reshape(event) + 2.0  # observations far from the prior mean
     y = GaussianObservation(A, noise_std).sample(x.expand(K, *event), generator=g)
     idx = torch.arange(K).repeat_interleave(R)
-    out = sample_posterior(prior, y[idx], A[idx], noise_std, event, steps=64, generator=_gen(8),
+    out = sample_posterior(prior, y[idx], A[idx], noise_std, event, steps=64, generator=gen(8),
                            batch_size=K * R, guidance=guidance, **OPTIONS[guidance])
     assert out.shape == (K * R, *event) and torch.isfinite(out).all()
     prior64 = prior.double()
@@ -291,7 +274,7 @@ def test_make_posterior_validation():
 
 def test_sample_posterior_validation():
     prior, A, y, _, _ = _setup("projection", "dense", 1.0)
-    kwargs = dict(event_shape=(5,), steps=2, generator=_gen(0))
+    kwargs = dict(event_shape=(5,), steps=2, generator=gen(0))
     with pytest.raises(ValueError, match="`covariance` applies to guidance 'mmps' only"):
         sample_posterior(prior, y, A, 0.1, guidance="dps", covariance="prior", **kwargs)
     with pytest.raises(ValueError, match="`guidance` must be one of"):

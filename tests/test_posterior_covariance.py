@@ -20,36 +20,12 @@ import math
 import pytest
 import torch
 
-from diffem.gaussian import GaussianPrior, operator_matrix
-from diffem.operators import GaussianObservation, Mask, Projection
+from diffem.gaussian import operator_matrix
+from diffem.operators import GaussianObservation
 from diffem.posterior import MMPSDenoiser
 from diffem.posterior.mmps import _PriorCovariance
 
-
-def _gen(seed):
-    return torch.Generator().manual_seed(seed)
-
-
-def _mask_case(B, g):
-    mask = torch.rand(B, 1, 3, 3, generator=g) < 0.5
-    mask[:, 0, 1, 1] = True
-    return Mask(mask, channels=2), (2, 3, 3)
-
-
-def _projection_case(B, g):
-    M = torch.randn(B, 2, 5, generator=g, dtype=torch.float64)
-    return Projection(M / M.norm(dim=-1, keepdim=True)), (5,)
-
-
-CASES = {"mask": _mask_case, "projection": _projection_case}
-
-
-def _prior(d, event, g, rank=2, diag=0.3, identity=False):
-    mean = torch.randn(d, generator=g, dtype=torch.float64)
-    if identity:
-        return GaussianPrior.from_parameters(mean, torch.zeros(d, 0, dtype=torch.float64), 1.0, event_shape=event)
-    factor = torch.randn(d, rank, generator=g, dtype=torch.float64)
-    return GaussianPrior.from_parameters(mean, factor, diag, event_shape=event)
+from posterior_cases import CASES, gen, low_rank_prior
 
 
 def exact_mean(prior, A, x_t, y, sigma, noise_std):
@@ -66,10 +42,10 @@ def exact_mean(prior, A, x_t, y, sigma, noise_std):
 
 
 def _setup(case, sigma, seed=0, noise_std=0.1, **prior_kwargs):
-    g = _gen(seed)
+    g = gen(seed)
     B = 4
     A, event = CASES[case](B, g)
-    prior = _prior(math.prod(event), event, g, **prior_kwargs)
+    prior = low_rank_prior(math.prod(event), event, g, **prior_kwargs)
     x = prior.sample(B, generator=g)
     y = GaussianObservation(A, noise_std).sample(x, generator=g)
     sigma = torch.full((B,), float(sigma), dtype=torch.float64)
@@ -134,9 +110,9 @@ def test_sigma_t_heuristic_becomes_exact_as_sigma_vanishes(case):
 
 
 def test_prior_covariance_woodbury_matches_dense():
-    g = _gen(5)
+    g = gen(5)
     d, B = 7, 3
-    prior = _prior(d, (d,), g, rank=3, diag=0.2)
+    prior = low_rank_prior(d, (d,), g, rank=3, diag=0.2)
     u = torch.randn(B, d, generator=g, dtype=torch.float64)
     s2 = torch.tensor([1e-4, 0.5, 1e3], dtype=torch.float64)
     out = _PriorCovariance(prior, (d,))(u, s2)
@@ -149,7 +125,7 @@ def test_prior_covariance_woodbury_matches_dense():
 
 
 def test_covariance_validation():
-    g = _gen(6)
+    g = gen(6)
     prior, A, y, _, _, _ = _setup("projection", 1.0, seed=6)
     with pytest.raises(ValueError, match="`covariance`"):
         MMPSDenoiser(prior, y, A, 0.1, covariance="diagonal")
@@ -157,6 +133,6 @@ def test_covariance_validation():
         MMPSDenoiser(prior, y, A, 0.1, covariance="tweedie", prior=prior)
     with pytest.raises(TypeError, match="`prior`"):
         MMPSDenoiser(prior, y, A, 0.1, covariance="prior", prior=torch.eye(5))
-    other = _prior(6, (6,), g)
+    other = low_rank_prior(6, (6,), g)
     with pytest.raises(ValueError, match="`prior` has 6 features"):
         MMPSDenoiser(prior, y, A, 0.1, covariance="prior", prior=other)
