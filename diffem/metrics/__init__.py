@@ -27,6 +27,7 @@ from .fid import (
     kid_from_features,
     reference_statistics,
 )
+from .fid import __all__ as _fid_all
 from .image import nmse, psnr, ssim
 from .inception import (
     CONVERTED_WEIGHTS_NAME,
@@ -46,23 +47,11 @@ __all__ = [
     "has_inception_logits",
     "inception_features",
     "as_pixels",
-    "fid_statistics",
-    "frechet_distance",
-    "fid_from_features",
-    "kid_from_features",
-    "reference_statistics",
-    "fid",
-    "kid",
-    "fid_kid",
-    "inception_score",
-    "isc_from_logits",
+    *_fid_all,
     "psnr",
     "ssim",
     "nmse",
     "CONVERTED_WEIGHTS_NAME",
     "TORCH_FIDELITY_WEIGHTS_NAME",
     "FID_HELPER_SHA1",
-    "KID_SUBSET_SIZE",
-    "KID_SUBSETS",
-    "KID_SEED",
 ]
