@@ -42,12 +42,11 @@ import os
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import ConfigError
 from ..operators import LinearOperator, Mask
-from .images import ImageTask, build_backbone
+from .images import ImageTask, build_backbone, random_flip_shift
 
 __all__ = ["Cifar10Task", "random_flip_shift", "ORDER_SEED"]
 
@@ -55,36 +54,6 @@ __all__ = ["Cifar10Task", "random_flip_shift", "ORDER_SEED"]
 ORDER_SEED = 0
 _HUB_NAMES = ("hub", "online", "uoft-cs/cifar10")  # sources that mean the Hugging Face Hub (diffem.data.cifar10)
 _UNET_KEYS = ("block_out_channels", "layers_per_block", "attention_levels", "norm_num_groups", "dropout", "heads")
-
-
-def random_flip_shift(x: Tensor, generator: torch.Generator, shift: int = 1) -> Tensor:
-    """Random horizontal flips (p = 1/2) and random shifts of up to ``shift`` pixels, reflect padding.
-
-    Arguments:
-        x: Images ``(B, C, H, W)``.
-        generator: The only source of randomness (a CPU ``torch.Generator``); draws ``B``
-            uniforms for the flips, then ``2 B`` integers for the shifts.
-        shift: Maximum shift in pixels along each axis (``< H, W``).
-
-    Returns:
-        ``(B, C, H, W)``: image ``b`` flipped if drawn, then ``out[b, :, i, j] =
-        x_pad[b, :, i + shift + dy_b, j + shift + dx_b]`` with ``dy, dx`` uniform in
-        ``{-shift, ..., shift}``.
-    """
-    if x.dim() != 4:
-        raise ValueError(f"`x` must have shape (B, C, H, W), got {tuple(x.shape)}")
-    b, c, h, w = x.shape
-    flip = (torch.rand(b, generator=generator) < 0.5).to(x.device)
-    offsets = torch.randint(-shift, shift + 1, (b, 2), generator=generator).to(x.device)
-    x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-    if shift == 0:
-        return x
-    padded = F.pad(x, (shift, shift, shift, shift), mode="reflect")
-    rows = offsets[:, 0, None] + shift + torch.arange(h, device=x.device)  # (B, H)
-    cols = offsets[:, 1, None] + shift + torch.arange(w, device=x.device)  # (B, W)
-    batch = torch.arange(b, device=x.device)[:, None, None]
-    out = padded.permute(0, 2, 3, 1)[batch, rows[:, :, None], cols[:, None, :]]  # (B, H, W, C)
-    return out.permute(0, 3, 1, 2).contiguous()
 
 
 class Cifar10Task(ImageTask):

@@ -28,13 +28,14 @@ import os
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import ConfigError
 from ..operators import LinearOperator
 from . import _SHARDING, ObservationSet, Task, draw_prior_samples, load_or_build
 
-__all__ = ["ImageTask", "build_backbone", "sharded_inception_features"]
+__all__ = ["ImageTask", "build_backbone", "random_flip_shift", "sharded_inception_features"]
 
 #: File of the real-images row inside the run folder (computed once per run).
 REAL_IMAGES_FILE = Path("eval") / "real_images.json"
@@ -75,6 +76,39 @@ def build_backbone(options: dict, channels: int, size: int, seed: int) -> nn.Mod
             torch.manual_seed(seed)
             return DiT.from_options(channels=channels, sample_size=size, **extra)
     raise ConfigError(f"config key `network.kind` must be 'unet' or 'dit', got {kind!r}")
+
+
+def random_flip_shift(x: Tensor, generator: torch.Generator, shift: int = 1, pad_value: float | None = None) -> Tensor:
+    """Random horizontal flips (p = 1/2) and random shifts of up to ``shift`` pixels.
+
+    Arguments:
+        x: Images ``(B, C, H, W)``.
+        generator: The only source of randomness (a CPU ``torch.Generator``); draws ``B``
+            uniforms for the flips, then ``2 B`` integers for the shifts.
+        shift: Maximum shift in pixels along each axis (``< H, W``).
+        pad_value: What a shift brings in: ``None`` reflects the image (CIFAR-10), a number
+            pads with it (MRI: the background value -2).
+
+    Returns:
+        ``(B, C, H, W)``: image ``b`` flipped if drawn, then ``out[b, :, i, j] =
+        x_pad[b, :, i + shift + dy_b, j + shift + dx_b]`` with ``dy, dx`` uniform in
+        ``{-shift, ..., shift}``.
+    """
+    if x.dim() != 4:
+        raise ValueError(f"`x` must have shape (B, C, H, W), got {tuple(x.shape)}")
+    b, c, h, w = x.shape
+    flip = (torch.rand(b, generator=generator) < 0.5).to(x.device)
+    offsets = torch.randint(-shift, shift + 1, (b, 2), generator=generator).to(x.device)
+    x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+    if shift == 0:
+        return x
+    pad = (shift, shift, shift, shift)
+    padded = F.pad(x, pad, mode="reflect") if pad_value is None else F.pad(x, pad, value=float(pad_value))
+    rows = offsets[:, 0, None] + shift + torch.arange(h, device=x.device)  # (B, H)
+    cols = offsets[:, 1, None] + shift + torch.arange(w, device=x.device)  # (B, W)
+    batch = torch.arange(b, device=x.device)[:, None, None]
+    out = padded.permute(0, 2, 3, 1)[batch, rows[:, :, None], cols[:, None, :]]  # (B, H, W, C)
+    return out.permute(0, 3, 1, 2).contiguous()
 
 
 class ImageTask(Task):

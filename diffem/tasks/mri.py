@@ -58,6 +58,7 @@ from torch import Tensor, nn
 from ..config import ConfigError
 from ..operators import SubsampledFourier
 from . import ObservationSet, Task, draw_prior_samples, load_or_build
+from .images import random_flip_shift as flip_shift
 
 __all__ = ["MriTask", "observe_kspace", "random_flip_shift"]
 
@@ -114,23 +115,11 @@ def observe_kspace(x: Tensor, acceleration: float, noise_std: float, seed: int, 
 def random_flip_shift(x: Tensor, generator: torch.Generator, shift: int = 4) -> Tensor:
     """Left-right flips (p = 1/2) and shifts of up to ``shift`` pixels (the authors' MRI augmentation).
 
-    Shifts pad with the image's background value -2 (an MRI's empty surroundings), not by
-    reflection. ``x``: ``(B, C, H, W)``; every draw comes from ``generator`` (``B`` uniforms,
-    then ``2 B`` integers).
+    :func:`diffem.tasks.images.random_flip_shift` with shifts padding with the image's
+    background value -2 (an MRI's empty surroundings), not by reflection. ``x``:
+    ``(B, C, H, W)``; every draw comes from ``generator`` (``B`` uniforms, then ``2 B`` integers).
     """
-    if x.dim() != 4:
-        raise ValueError(f"`x` must have shape (B, C, H, W), got {tuple(x.shape)}")
-    b, _, h, w = x.shape
-    flip = (torch.rand(b, generator=generator) < 0.5).to(x.device)
-    offsets = torch.randint(-shift, shift + 1, (b, 2), generator=generator).to(x.device)
-    x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-    if shift == 0:
-        return x
-    padded = torch.nn.functional.pad(x, (shift, shift, shift, shift), value=-2.0)
-    rows = offsets[:, 0, None] + shift + torch.arange(h, device=x.device)
-    cols = offsets[:, 1, None] + shift + torch.arange(w, device=x.device)
-    batch = torch.arange(b, device=x.device)[:, None, None]
-    return padded.permute(0, 2, 3, 1)[batch, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2).contiguous()
+    return flip_shift(x, generator, shift, pad_value=-2.0)
 
 
 def _magnitude(x: Tensor) -> Tensor:
