@@ -14,7 +14,7 @@ experiment=cifar10
 if [ $# -gt 0 ] && [ "${1#-}" = "$1" ]; then experiment="$1"; shift; fi
 if [ ! -d "experiments/$experiment" ]; then
     echo "usage: bash reproduce.sh [<experiment>] [--profile P] [--set key=value ...]" >&2
-    echo "experiments: $(ls experiments | grep -v '\.py$' | grep -v __pycache__ | tr '\n' ' ')" >&2
+    echo "experiments: $(ls experiments | grep -v '\.py$' | grep -v '\.sh$' | grep -v __pycache__ | tr '\n' ' ')" >&2
     exit 2
 fi
 profile=""

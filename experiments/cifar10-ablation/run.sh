@@ -31,19 +31,7 @@ level="$(read_key level)"
 covariances="${COVARIANCES:-$(read_key covariances)}"
 tweedie="$(read_key tweedie_results)"
 
-sets=()
-other=()
-while [ $# -gt 0 ]; do
-    case "$1" in
-        --set)
-            shift
-            while [ $# -gt 0 ] && [ "${1#--}" = "$1" ]; do sets+=("$1"); shift; done ;;
-        --set=*) sets+=("${1#--set=}"); shift ;;
-        *) other+=("$1"); shift ;;
-    esac
-done
-launcher="python -m diffem.cli"
-if [ -n "${ACCELERATE:-}" ]; then launcher="$ACCELERATE -m diffem.cli"; fi
+. experiments/args.sh "$@"  # -> sets, other, launcher
 
 start=$(date +%s)
 dirs=()

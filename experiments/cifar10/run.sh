@@ -28,22 +28,8 @@ if [ ! -f "experiments/cifar10/$profile.yaml" ]; then
     exit 2
 fi
 
-# `diffem train --set` takes one list: gather the caller's --set values so that the level's
-# drop probability joins them instead of replacing them.
-sets=()
-other=()
-while [ $# -gt 0 ]; do
-    case "$1" in
-        --set)
-            shift
-            while [ $# -gt 0 ] && [ "${1#--}" = "$1" ]; do sets+=("$1"); shift; done ;;
-        --set=*) sets+=("${1#--set=}"); shift ;;
-        *) other+=("$1"); shift ;;
-    esac
-done
+. experiments/args.sh "$@"  # -> sets, other, launcher
 
-launcher="python -m diffem.cli"
-if [ -n "${ACCELERATE:-}" ]; then launcher="$ACCELERATE -m diffem.cli"; fi
 
 run_dir_of() { printf '%s/cifar10-%s-p%02d' "$run_root" "$profile" "$(python -c "print(round(100 * $1))")"; }
 
