@@ -105,19 +105,47 @@ class Denoiser(nn.Module):
         out = getattr(out, "sample", out)
         return c_skip * x_t + c_out * out
 
-    def loss(self, x: Tensor, generator: torch.Generator) -> Tensor:
-        r"""Weighted denoising score matching loss of a clean batch ``x`` ``(B, *event_shape)``.
+    @staticmethod
+    def draw_noise(x: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        r"""The training noise of a clean batch ``x`` ``(B, *event_shape)``, from ``generator``.
 
-        :math:`t \sim \text{Beta}(3,3)`, :math:`z \sim \mathcal{N}(0, I)` from ``generator``;
-        returns the scalar mean over the batch of
-        :math:`(1/\sigma_t^2 + 1) \cdot \text{mean}((d_\theta(x + \sigma_t z, \sigma_t) - x)^2)`.
+        Draws :math:`t \sim \text{Beta}(3,3)` then :math:`z \sim \mathcal{N}(0, I)`, in that
+        order, and returns ``(sigma, z)``: the noise levels :math:`\sigma_t` ``(B,)`` in data
+        units and ``z`` of the shape of ``x``. Drawing a global batch's noise once and slicing
+        it per process keeps a multi-process M-step equal to a 1-process one.
+
+        Raises:
+            ValueError: if ``generator`` is None.
         """
         if generator is None:
             raise ValueError("`generator` is required: pass a seeded torch.Generator")
         t = sample_beta33(x.shape[0], generator, device=x.device, dtype=x.dtype)
-        sigma = sigma_of_t(t)
         z = torch.randn(x.shape, generator=generator, device=generator.device, dtype=x.dtype).to(x.device)
-        x_t = x + expand_as(sigma, x) * z
+        return sigma_of_t(t), z
+
+    def loss(self, x: Tensor, generator: torch.Generator | None = None, *, sigma: Tensor | None = None,
+             noise: Tensor | None = None) -> Tensor:
+        r"""Weighted denoising score matching loss of a clean batch ``x`` ``(B, *event_shape)``.
+
+        The noise is either drawn from ``generator`` (:meth:`draw_noise`) or given: ``sigma``
+        ``(B,)`` (data units, > 0) and ``noise`` ``z`` of the shape of ``x``. Returns the scalar
+        mean over the batch of
+        :math:`(1/\sigma^2 + 1) \cdot \text{mean}((d_\theta(x + \sigma z, \sigma) - x)^2)`
+        (Karras et al. 2022, EDM weighting with :math:`\sigma_\text{data} = 1`).
+
+        Raises:
+            ValueError: if neither ``generator`` nor both ``sigma`` and ``noise`` are given, or
+                their shapes do not match ``x``.
+        """
+        if sigma is None and noise is None:
+            sigma, noise = self.draw_noise(x, generator)
+        elif sigma is None or noise is None:
+            raise ValueError("pass both `sigma` and `noise`, or neither (then `generator`)")
+        else:
+            if noise.shape != x.shape:
+                raise ValueError(f"`noise` must have the shape of `x` {tuple(x.shape)}, got {tuple(noise.shape)}")
+            sigma = sigma_vector(sigma, x)
+        x_t = x + expand_as(sigma, x) * noise
         error = (self(x_t, sigma) - x).square().flatten(1).mean(dim=1)
         return ((1 / sigma**2 + 1) * error).mean()
 
@@ -133,5 +161,6 @@ class DenoisingLoss(nn.Module):
         super().__init__()
         self.denoiser = denoiser
 
-    def forward(self, x: Tensor, generator: torch.Generator) -> Tensor:
-        return self.denoiser.loss(x, generator)
+    def forward(self, x: Tensor, generator: torch.Generator | None = None, *, sigma: Tensor | None = None,
+                noise: Tensor | None = None) -> Tensor:
+        return self.denoiser.loss(x, generator, sigma=sigma, noise=noise)

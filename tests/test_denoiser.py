@@ -168,6 +168,25 @@ def test_loss_finite_and_deterministic():
         den.loss(x, generator=None)
 
 
+def test_loss_with_given_noise_splits_into_slices():
+    # The M-step draws a global batch's noise once and gives each process a slice: the mean
+    # of equal slices' losses is the global batch's loss.
+    den = Denoiser(_tiny_mlp())
+    x = _data(64, _gen(6))
+    sigma, z = den.draw_noise(x, _gen(7))
+    assert sigma.shape == (64,) and z.shape == x.shape and (sigma > 0).all()
+    whole = den.loss(x, generator=_gen(7))
+    torch.testing.assert_close(den.loss(x, sigma=sigma, noise=z), whole)
+    halves = [den.loss(x[s], sigma=sigma[s], noise=z[s]) for s in (slice(0, 32), slice(32, 64))]
+    torch.testing.assert_close((halves[0] + halves[1]) / 2, whole)
+    with pytest.raises(ValueError, match="`sigma` and `noise`"):
+        den.loss(x, sigma=sigma)
+    with pytest.raises(ValueError, match="`noise` must have the shape"):
+        den.loss(x, sigma=sigma, noise=z[:3])
+    with pytest.raises(ValueError, match="`sigma`"):
+        den.loss(x, sigma=sigma[:3], noise=z)
+
+
 def test_loss_decreases_with_adam():
     den = Denoiser(_tiny_mlp())
     g = _gen(9)

@@ -4,7 +4,7 @@
 
 On a CPU-only machine this is torchrun with the gloo backend. Each process must see
 ``num_processes == 2``; the E-step samples, the evaluation metrics and the learning-rate
-sequence must equal a 1-process run's, and only the main process builds the observations.
+sequence, the M-step's trained weights must equal a 1-process run's, and only the main process builds the observations.
 """
 
 import json
@@ -16,6 +16,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
+
+from diffem.em import lap_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 SETTINGS = ["laps=1", "lap0.iterations=4", "data.points=256", "estep.batch_size=64", "estep.block=32", "estep.steps=8",
@@ -31,6 +35,11 @@ def _launch() -> list[str]:
     # silence accelerate's warnings about defaults and pick a free port.
     return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
             "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port)]
+
+
+def _weights(run: Path, lap: int) -> dict:
+    (path,) = (lap_dir(run, lap) / "unet").glob("*.safetensors")
+    return load_file(path)
 
 
 def _records(run: Path) -> dict:
@@ -60,6 +69,13 @@ def test_two_processes_through_the_cli_match_one(tmp_path):
     assert b[1]["discarded_samples"] == a[1]["discarded_samples"]
     # One optimizer step is one learning-rate step on any number of processes.
     assert b[1]["lr_log"] == a[1]["lr_log"] and len(a[1]["lr_log"]) == 4
+    # M-step: one global batch per step, sliced over the processes (the MLP has no dropout):
+    # the same loss and the same trained weights, up to float32 round-off.
+    assert b[1]["train_loss"] == pytest.approx(a[1]["train_loss"], rel=1e-5)
+    wa, wb = _weights(one, 1), _weights(two, 1)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], rtol=1e-4, atol=1e-5)
     # Evaluation of the same prior (lap 0): samples sharded over the processes and gathered.
     assert a[0]["eval_status"] == b[0]["eval_status"] == "ok"
     assert b[0]["sinkhorn"] == pytest.approx(a[0]["sinkhorn"], rel=1e-4)

@@ -83,9 +83,9 @@ def test_resume_may_change_eval_keys_only(tmp_path, monkeypatch):
 def test_non_finite_loss_stops_the_lap_and_keeps_the_checkpoint(tmp_path, monkeypatch):
     original, calls = DenoisingLoss.forward, {"n": 0}
 
-    def poisoned(self, x, generator):
+    def poisoned(self, x, generator=None, **noise):
         calls["n"] += 1
-        loss = original(self, x, generator)
+        loss = original(self, x, generator, **noise)
         return loss * float("nan") if calls["n"] == 40 + 25 else loss  # lap 2, step 25
 
     monkeypatch.setattr(DenoisingLoss, "forward", poisoned)

@@ -9,10 +9,15 @@ global batch of ``mstep.batch_size`` samples split over the processes.
   step alone and never goes through ``accelerate.prepare`` (which would step a prepared
   scheduler once per process), so one optimizer step is one schedule step on any number
   of processes.
-- Randomness: see :mod:`diffem.em.seeds` (``MSTEP``): batch indices, augmentation, noise
-  levels and noise come from a generator per (lap, step, process); dropout, the only draws
-  torch modules take from the global RNG, runs inside ``torch.random.fork_rng`` seeded per
-  (lap, step, process), so the caller's global RNG is left untouched.
+- Randomness: see :mod:`diffem.em.seeds` (``MSTEP``): the global batch's indices,
+  augmentation, noise levels and noise come from one generator per (lap, step), drawn
+  alike on every process; process ``k`` of ``P`` trains on the ``k``-th of ``P`` equal
+  slices. With gradients averaged over processes, an optimizer step therefore sees the same
+  batch and the same gradient (to float round-off) on any number of processes. The one
+  exception is dropout, the only draws torch modules take from the global RNG: it runs
+  inside ``torch.random.fork_rng`` seeded per (lap, step, process), so its masks depend on
+  the process count (networks without dropout train identically), and the caller's
+  global RNG is left untouched.
 - Precision: the objective is prepared by the accelerator, so its forward pass runs
   under the run's ``precision`` (autocast); weights, optimizer and EMA stay float32.
 - A non-finite loss or gradient norm stops the lap with :class:`NonFiniteLossError`
@@ -90,13 +95,16 @@ def run_mstep(accelerator, config: EMConfig, task, lap: int, samples: torch.Tens
 
     Raises:
         NonFiniteLossError: on a NaN / infinite loss or gradient norm (the checkpoint is kept).
-        ValueError: if ``mstep.batch_size`` is smaller than the number of processes.
+        ValueError: if ``mstep.batch_size`` is not a multiple of the number of processes.
     """
     acc, cfg = accelerator, config.mstep
     n = len(samples)
+    if cfg.batch_size % acc.num_processes:
+        raise ValueError(f"`mstep.batch_size` ({cfg.batch_size}) must be a multiple of the number of processes "
+                         f"({acc.num_processes}): each process trains on an equal slice of the global batch")
     per_process = cfg.batch_size // acc.num_processes
-    if per_process < 1:
-        raise ValueError(f"`mstep.batch_size` ({cfg.batch_size}) is smaller than the number of processes")
+    lo = acc.process_index * per_process
+    local = slice(lo, lo + per_process)
     backbone.train()
     objective = DenoisingLoss(Denoiser(backbone))
     optimizer = torch.optim.Adam(backbone.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -112,28 +120,31 @@ def run_mstep(accelerator, config: EMConfig, task, lap: int, samples: torch.Tens
     bar = tqdm(total=total, initial=step, desc=f"lap {lap} M-step", disable=not progress)
     running = []
     while step < total:
-        g = torch.Generator().manual_seed(derive_seed(config.seed, MSTEP, lap, step, acc.process_index))
+        # The global batch's draws, alike on every process (the trailing 0 keeps the draws of
+        # runs made when this generator was seeded per process: 1-process runs are unchanged).
+        g = torch.Generator().manual_seed(derive_seed(config.seed, MSTEP, lap, step, 0))
         lr = learning_rate(cfg, step, total)
         for group in optimizer.param_groups:
             group["lr"] = lr
         with torch.random.fork_rng(devices=rng_devices):
             torch.manual_seed(derive_seed(config.seed, MSTEP, lap, step, acc.process_index, 1))  # dropout only
-            idx = torch.randint(0, n, (per_process,), generator=g)
+            idx = torch.randint(0, n, (cfg.batch_size,), generator=g)
             x = task.augment(samples[idx.to(samples.device)], g)
-            loss = objective(x, g)
+            sigma, z = Denoiser.draw_noise(x, g)
+            loss = objective(x[local], sigma=sigma[local], noise=z[local])
             optimizer.zero_grad(set_to_none=True)
             acc.backward(loss)
         norm = acc.clip_grad_norm_(objective.parameters(), cfg.grad_clip) if cfg.grad_clip > 0 else None
-        checks = [loss.detach().float().reshape(1)] + ([] if norm is None else [torch.as_tensor(norm).float().reshape(1).to(acc.device)])
-        finite = torch.isfinite(acc.gather(torch.cat(checks)))
-        if not bool(finite.all()):
-            what = "loss" if not bool(torch.isfinite(acc.gather(checks[0])).all()) else "gradient norm"
+        losses = acc.gather(loss.detach().float().reshape(1))  # (P,): the global batch's loss is their mean
+        checks = [losses] + ([] if norm is None else [acc.gather(torch.as_tensor(norm).float().reshape(1).to(acc.device))])
+        if not bool(torch.isfinite(torch.cat(checks)).all()):
+            what = "loss" if not bool(torch.isfinite(losses).all()) else "gradient norm"
             bar.close()
             raise NonFiniteLossError(lap, step + 1, what, checkpoint.last(), previous)
         optimizer.step()
         ema.step(backbone.parameters())
         step += 1
-        running.append(float(loss.detach()))
+        running.append(float(losses.mean()))
         bar.update(1)
         if step % cfg.log_every == 0 or step == total:
             log.append([step, sum(running) / len(running), lr])
