@@ -64,11 +64,16 @@ def _evaluate(args) -> int:
     data = yaml.safe_load((run_dir / "config.yaml").read_text())
     if args.samples is not None:
         args.set.append(f"eval.samples={args.samples}")
+    from .tasks import task_class
+
+    allowed = task_class(data.get("experiment", "")).eval_data_keys
     for item in args.set:  # only the evaluation's keys may change for a saved run
         key, _, raw = item.partition("=")
-        if not key.startswith("eval.") or not raw:
-            raise ConfigError(f"`diffem evaluate --set {item}`: only `eval.<key>=<value>` may be set")
-        data.setdefault("eval", {})[key[len("eval."):]] = yaml.safe_load(raw)
+        section, _, name = key.partition(".")
+        if not raw or not name or not (section == "eval" or (section == "data" and name in allowed)):
+            raise ConfigError(f"`diffem evaluate --set {item}`: only `eval.<key>=<value>` and the evaluation's "
+                              f"data keys ({', '.join(f'data.{k}' for k in allowed) or 'none'}) may be set")
+        data.setdefault(section, {})[name] = yaml.safe_load(raw)
     config = _from_dict(EMConfig, data).validate()
     config.output_dir = str(run_dir)
     accelerator = make_accelerator(config)

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from diffem.cli import main
 from diffem.config import ConfigError, load_config
 from diffem.denoiser import DenoisingLoss
 from diffem.em import EMTrainer, NonFiniteLossError, lap_dir
@@ -62,7 +63,7 @@ def test_failing_evaluation_keeps_the_lap_and_is_filled_in_later(tmp_path, monke
     assert len(lines) == 3  # one record per lap, updated in place
 
 
-def test_resume_may_change_eval_keys_only(tmp_path, monkeypatch):
+def test_resume_may_change_eval_keys_only(tmp_path, monkeypatch, capsys):
     def broken(self, pipeline, lap, seed, progress=True):
         raise RuntimeError("no Inception weights (injected)")
 
@@ -78,6 +79,16 @@ def test_resume_may_change_eval_keys_only(tmp_path, monkeypatch):
     after = _records(tmp_path)
     assert all(r["eval_status"] == "ok" and r["eval_samples"] == 48 for r in after.values())
     assert all(r["eval_settings"]["samples"] == 48 for r in after.values())
+    # The task's evaluation-only data keys may change too (resume and `diffem evaluate`),
+    # the data that defines the observations may not.
+    EMTrainer(_config(tmp_path, "laps=2", "eval.samples=48", "data.eval_points=32"), progress=False).run()
+    with pytest.raises(ConfigError, match=r"data\.curve_seed"):
+        EMTrainer(_config(tmp_path, "laps=2", "eval.samples=48", "data.curve_seed=5"), progress=False).run()
+    assert main(["evaluate", str(tmp_path), "--lap", "1", "--set", "data.eval_points=40", "--no-progress"]) == 0
+    assert _records(tmp_path)[1]["eval_points"] == 40
+    capsys.readouterr()
+    assert main(["evaluate", str(tmp_path), "--lap", "1", "--set", "data.points=40"]) != 0
+    assert "data.points=40" in capsys.readouterr().err  # the error names the key and what may be set
 
 
 def test_non_finite_loss_stops_the_lap_and_keeps_the_checkpoint(tmp_path, monkeypatch):
@@ -174,3 +185,13 @@ def test_mstep_draws_nothing_from_the_global_rng(tmp_path):
         assert torch.equal(torch.get_rng_state(), state)  # the global RNG was not advanced
         out.append([p.detach().clone() for p in model.parameters()])
     assert all(torch.equal(a, b) for a, b in zip(*out))
+
+
+def test_every_eval_data_key_is_a_data_option_that_training_never_reads():
+    from diffem.tasks import TASKS, task_class
+
+    for name in TASKS:
+        cls = task_class(name)
+        assert set(cls.eval_data_keys) <= set(cls.data_defaults), name
+        assert not {"observations", "noise_std", "seed", "points", "drop_prob", "acceleration", "eval_path",
+                    "eval_volumes"} & set(cls.eval_data_keys)

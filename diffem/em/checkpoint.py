@@ -76,19 +76,25 @@ def atomic_write_text(path: Path, text: str) -> None:
 def check_resume_config(path: Path, config: EMConfig) -> None:
     """Raise :class:`ConfigError` unless ``config`` may resume the run whose config is at ``path``.
 
-    A resumed run may change ``laps`` and the ``eval.*`` keys, and nothing else: every
-    other key changes what the saved laps mean.
+    A resumed run may change ``laps``, the ``eval.*`` and ``hub.*`` keys and the task's
+    evaluation-only ``data.*`` keys (:attr:`diffem.tasks.Task.eval_data_keys`), and nothing
+    else: every other key changes what the saved laps mean.
     """
     path = Path(path)
     if not path.exists():
         return
+    from ..tasks import task_class
+
     old = yaml.safe_load(path.read_text()) or {}
     new = config_to_dict(config)
-    changed = [k for k in _changed_keys(old, new) if k.split(".")[0] not in RESUMABLE_KEYS]
+    allowed = {f"data.{k}" for k in task_class(config.experiment).eval_data_keys}
+    changed = [k for k in _changed_keys(old, new) if k.split(".")[0] not in RESUMABLE_KEYS and k not in allowed]
     if changed:
         raise ConfigError(
             f"{path} holds a different configuration (changed: {', '.join(changed)}); a resumed run may only "
-            "change `laps` and `eval.*`: resume with the same settings or choose another `output_dir`"
+            "change `laps`, `eval.*`, `hub.*` and the evaluation's `data.*` keys "
+            f"({', '.join(sorted(allowed)) or 'none for this experiment'}): resume with the same settings or "
+            "choose another `output_dir`"
         )
 
 
@@ -98,7 +104,9 @@ def _changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
     out = []
     for k in sorted(set(old) & set(new)):
         a, b = old[k], new[k]
-        if isinstance(a, dict) and isinstance(b, dict) and k not in ("data", "network"):
+        if isinstance(a, dict) and isinstance(b, dict) and k != "network":
+            if k == "data":  # a data key added or removed (a default) changes the run
+                out += [f"data.{j}" for j in sorted(set(a) ^ set(b))]
             out += _changed_keys(a, b, f"{prefix}{k}.")
         elif a != b:
             out.append(f"{prefix}{k}")

@@ -134,7 +134,7 @@ class EMTrainer:
 
     # -- run folder ------------------------------------------------------------------------------
     def _prepare_run_dir(self) -> None:
-        """Create the run folder and write ``config.yaml`` (a resumed run may change ``laps`` and ``eval.*``)."""
+        """Create the run folder and write ``config.yaml`` (what a resumed run may change: :func:`check_resume_config`)."""
         acc = self.accelerator
         if acc.is_main_process:
             self.run_dir.mkdir(parents=True, exist_ok=True)

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from ..config import ConfigError, EMConfig
 from ..operators import LinearOperator
 
-__all__ = ["ObservationSet", "Task", "get_task", "draw_prior_samples", "sharded_over", "load_or_build", "TASKS"]
+__all__ = ["ObservationSet", "Task", "get_task", "task_class", "draw_prior_samples", "sharded_over", "load_or_build", "TASKS"]
 
 
 @dataclass
@@ -64,6 +64,9 @@ class Task:
     name = "task"
     data_defaults: dict = {}
     network_defaults: dict = {}
+    #: ``data.*`` keys that only the evaluation reads (held-out counts, posterior samples and
+    #: their sampler): a resumed run and ``diffem evaluate --set`` may change them, as ``eval.*``.
+    eval_data_keys: tuple[str, ...] = ()
 
     def __init__(self, config: EMConfig):
         self.config = config
@@ -149,12 +152,21 @@ TASKS = {
 }
 
 
+def task_class(experiment: str) -> type[Task]:
+    """The :class:`Task` subclass of ``experiment`` (imported on demand).
+
+    Raises:
+        ConfigError: if the experiment is unknown.
+    """
+    if experiment not in TASKS:
+        raise ConfigError(f"config key `experiment`: unknown experiment {experiment!r} (known: {sorted(TASKS)})")
+    module, name = TASKS[experiment].split(":")
+    return getattr(importlib.import_module(module), name)
+
+
 def get_task(config: EMConfig) -> Task:
     """The task of ``config.experiment``; raises :class:`ConfigError` for an unknown one."""
-    if config.experiment not in TASKS:
-        raise ConfigError(f"config key `experiment`: unknown experiment {config.experiment!r} (known: {sorted(TASKS)})")
-    module, name = TASKS[config.experiment].split(":")
-    task = getattr(importlib.import_module(module), name)(config)
+    task = task_class(config.experiment)(config)
     if config.mstep.augment and type(task).augment is Task.augment:
         raise ConfigError(f"config key `mstep.augment`: the {config.experiment} experiment has no augmentation")
     return task

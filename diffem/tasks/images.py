@@ -124,6 +124,7 @@ class ImageTask(Task):
         posterior_observations=64,  # observations whose posterior-mean PSNR is reported
         posterior_samples=4,
     )
+    eval_data_keys = ("fid_reference", "posterior_observations", "posterior_samples")
 
     def check(self):
         d = self.data

@@ -25,6 +25,7 @@ class ManifoldTask(Task):
     name = "manifold"
     data_defaults = dict(points=65536, features=5, noise_std=1e-2, eval_points=4096, curve_seed=0, sinkhorn_reg=1e-3, sinkhorn_maxiter=1024)
     network_defaults = dict(hidden=[256, 256, 256], emb_features=64)
+    eval_data_keys = ("eval_points", "sinkhorn_reg", "sinkhorn_maxiter")
 
     def check(self):
         for key in ("points", "features", "eval_points"):

@@ -149,6 +149,9 @@ class MriTask(Task):
         posterior_steps=64, posterior_maxiter=5, posterior_batch_size=64, shift=4, cache_dir=None,
     )
     network_defaults = dict(preset="cpu") | {k: None for k in _NET_KEYS}
+    # (not eval_path / eval_volumes: without eval_path, the held-out volumes leave the training set)
+    eval_data_keys = ("eval_accelerations", "eval_slices", "posterior_samples", "posterior_method", "posterior_steps",
+                      "posterior_maxiter", "posterior_batch_size")
 
     # -- options ---------------------------------------------------------------------------------
     def check(self):
