@@ -142,6 +142,22 @@ def write_table(found: dict[str, dict], path: Path) -> None:
                 rec = next((x for x in found[c]["records"] if x["lap"] == lap), {})
                 cells += [fmt(rec.get("fid")), _kid(rec) if rec else "-"]
             lines.append(f"| {lap} | " + " | ".join(cells) + " |")
+        # Where a heuristic breaks down, its posterior samples leave the data range first.
+        lines += ["", "## E-step posterior samples", "",
+                  "Largest |x| of the lap's E-step samples (`estep_sample_moments`; the data lie in [-2, 2]) "
+                  "and the M-step's final training loss.", "",
+                  "| lap | " + " | ".join(f"max abs {c} | train loss {c}" for c in present) + " |",
+                  "|---:|" + "---:|---:|" * len(present)]
+        for lap in laps:
+            if lap == 0:
+                continue
+            cells = []
+            for c in present:
+                rec = next((x for x in found[c]["records"] if x["lap"] == lap), {})
+                moments = rec.get("estep_sample_moments")
+                cells += [f"{max(abs(moments[2]), abs(moments[3])):.3g}" if moments else "-",
+                          f"{rec['train_loss']:.3g}" if rec.get("train_loss") is not None else "-"]
+            lines.append(f"| {lap} | " + " | ".join(cells) + " |")
     lines.append("")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines))
