@@ -74,6 +74,10 @@ def collect(run_dirs: list[Path], tweedie: Path | None, results_dir: Path | None
     return found
 
 
+#: Largest |x| of E-step samples (data in [-2, 2]) above which a run is reported as diverged.
+DIVERGED = 100.0
+
+
 def write_table(found: dict[str, dict], path: Path) -> None:
     runs = [found[c] for c in PAPER_FID if c in found]
     lines = [
@@ -116,6 +120,10 @@ def write_table(found: dict[str, dict], path: Path) -> None:
         r = found[cov]
         done = max(rec["lap"] for rec in r["records"])
         status = "done" if done >= r["config"]["laps"] else f"partial ({done} of {r['config']['laps']} laps)"
+        blown = [(rec["lap"], max(abs(m[2]), abs(m[3]))) for rec in r["records"]
+                 if (m := rec.get("estep_sample_moments")) and max(abs(m[2]), abs(m[3])) > DIVERGED]
+        if blown:  # posterior samples far outside the data range [-2, 2]
+            status = f"diverged at lap {blown[0][0]} (E-step samples up to {blown[0][1]:.2g}); " + status
         fids = [rec for rec in r["records"] if rec.get("fid") is not None]
         first = next((rec for rec in r["records"] if rec["lap"] == 0), {})
         last = fids[-1] if fids else {}
