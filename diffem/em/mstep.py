@@ -135,9 +135,12 @@ def run_mstep(accelerator, config: EMConfig, task, lap: int, samples: torch.Tens
             optimizer.zero_grad(set_to_none=True)
             acc.backward(loss)
         norm = acc.clip_grad_norm_(objective.parameters(), cfg.grad_clip) if cfg.grad_clip > 0 else None
-        losses = acc.gather(loss.detach().float().reshape(1))  # (P,): the global batch's loss is their mean
-        checks = [losses] + ([] if norm is None else [acc.gather(torch.as_tensor(norm).float().reshape(1).to(acc.device))])
-        if not bool(torch.isfinite(torch.cat(checks)).all()):
+        local_checks = [loss.detach().float().reshape(1)]
+        if norm is not None:
+            local_checks.append(torch.as_tensor(norm).float().reshape(1).to(acc.device))
+        gathered = acc.gather(torch.cat(local_checks)).reshape(acc.num_processes, -1)  # one collective a step
+        losses = gathered[:, 0]  # (P,): the global batch's loss is their mean
+        if not bool(torch.isfinite(gathered).all()):
             what = "loss" if not bool(torch.isfinite(losses).all()) else "gradient norm"
             bar.close()
             raise NonFiniteLossError(lap, step + 1, what, checkpoint.last(), previous)
