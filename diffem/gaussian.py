@@ -135,8 +135,8 @@ class GaussianPrior(ModelMixin, ConfigMixin):
 
         When ``N < d`` or ``d > 4096`` (images) the ``(d, d)`` scatter matrix is never formed:
         its top ``rank`` eigenpairs come from the thin SVD of the centred data, at
-        ``O(min(N, d)^2 max(N, d))`` instead of ``O(d^3)`` (same result to round-off; at
-        ``d = 4096`` and ``N = 813``, 4 s instead of 31 s for the dense eigendecomposition).
+        ``O(min(N, d)^2 max(N, d))`` instead of ``O(d^3)`` (same result to round-off; measured
+        at ``d = 4096``, ``N = 813`` in float64 on one CPU core: 1.2 s instead of 11 s).
         """
         if x.dim() < 2 or x.shape[0] < 2:
             raise ValueError(f"`x` must have shape (N >= 2, *event_shape), got {tuple(x.shape)}")

@@ -100,7 +100,9 @@ def check_resume_config(path: Path, config: EMConfig) -> None:
 
 def _changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
     """Dotted keys whose values differ; a key missing on one side (added to or removed from
-    :class:`EMConfig` since the run started) counts as unchanged."""
+    :class:`EMConfig` since the run started) counts as unchanged, except under ``data``
+    (free-form task options: a key set on one side only changes the run); ``network`` is
+    compared as a whole."""
     out = []
     for k in sorted(set(old) & set(new)):
         a, b = old[k], new[k]

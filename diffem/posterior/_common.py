@@ -59,7 +59,6 @@ def sigma_vector(sigma, x_t: Tensor, batch: int) -> Tensor:
     return _sigma_vector(sigma, x_t)
 
 
-
 def denoise_with_vjp(denoiser: Callable, x_t: Tensor, sigma: Tensor, operator: LinearOperator, y: Tensor):
     r"""The prior's :math:`\hat{x}(x_t)`, :math:`A \hat{x}` and :math:`v \mapsto J^T v` (:math:`J = \partial \hat{x} / \partial x_t`).
 

@@ -78,6 +78,12 @@ def collect(run_dirs: list[Path], tweedie: Path | None, results_dir: Path | None
 DIVERGED = 100.0
 
 
+def _max_abs(record: dict) -> float | None:
+    """Largest |x| of a lap's E-step samples, from ``estep_sample_moments`` (mean, std, min, max); None for lap 0."""
+    moments = record.get("estep_sample_moments")
+    return max(abs(moments[2]), abs(moments[3])) if moments else None
+
+
 def write_table(found: dict[str, dict], path: Path) -> None:
     runs = [found[c] for c in PAPER_FID if c in found]
     lines = [
@@ -120,8 +126,7 @@ def write_table(found: dict[str, dict], path: Path) -> None:
         r = found[cov]
         done = max(rec["lap"] for rec in r["records"])
         status = "done" if done >= r["config"]["laps"] else f"partial ({done} of {r['config']['laps']} laps)"
-        blown = [(rec["lap"], max(abs(m[2]), abs(m[3]))) for rec in r["records"]
-                 if (m := rec.get("estep_sample_moments")) and max(abs(m[2]), abs(m[3])) > DIVERGED]
+        blown = [(rec["lap"], v) for rec in r["records"] if (v := _max_abs(rec)) is not None and v > DIVERGED]
         if blown:  # posterior samples far outside the data range [-2, 2]
             status = f"diverged at lap {blown[0][0]} (E-step samples up to {blown[0][1]:.2g}); " + status
         fids = [rec for rec in r["records"] if rec.get("fid") is not None]
@@ -162,8 +167,8 @@ def write_table(found: dict[str, dict], path: Path) -> None:
             cells = []
             for c in present:
                 rec = next((x for x in found[c]["records"] if x["lap"] == lap), {})
-                moments = rec.get("estep_sample_moments")
-                cells += [f"{max(abs(moments[2]), abs(moments[3])):.3g}" if moments else "-",
+                v = _max_abs(rec)
+                cells += [f"{v:.3g}" if v is not None else "-",
                           f"{rec['train_loss']:.3g}" if rec.get("train_loss") is not None else "-"]
             lines.append(f"| {lap} | " + " | ".join(cells) + " |")
     lines.append("")
