@@ -90,3 +90,27 @@ def test_two_processes_through_the_cli_match_one(tmp_path):
     c = _records(three)
     assert c[1]["sinkhorn"] == pytest.approx(a[1]["sinkhorn"], rel=1e-4)
     assert [json.loads(l)["lap"] for l in again.stdout.splitlines()] == [1]  # printed once, by the main process
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="torchrun with gloo")
+def test_evaluation_failing_on_one_process_fails_everywhere_without_waiting(tmp_path):
+    # One process's evaluation raises, between two gathers or before the first: every process
+    # records the failure and the run goes on with its collectives still paired (a final gather
+    # succeeds), instead of one process waiting in a gather until the group's timeout.
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.pop("WORLD_SIZE", None)
+    script = str(ROOT / "tests" / "scripts" / "eval_failure.py")
+    result = subprocess.run(_launch() + [script, str(tmp_path)], env=env, cwd=ROOT, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = [json.loads((tmp_path / f"rank-{r}.json").read_text()) for r in (0, 1)]
+    for r, o in enumerate(out):
+        assert o["final"] == [1.0, 2.0]
+        first, second, third = o["results"]
+        assert first["eval_status"] == second["eval_status"] == "failed"
+        assert third["eval_status"] == "ok" and third["total"] == 6.0  # 3 x 2 zeros and 3 x 2 ones
+    # The failing process records its own error; the other one says where the failure was.
+    assert "injected failure on process 1" in out[1]["results"][0]["eval_error"]
+    assert out[0]["results"][0]["eval_error"] == "evaluation failed on another process"
+    assert "injected failure on process 0" in out[0]["results"][1]["eval_error"]
+    assert out[1]["results"][1]["eval_error"] == "evaluation failed on another process"

@@ -8,7 +8,10 @@ depend on the process count and no process idles at a barrier while another eval
 An evaluation never loses a lap: it runs after the lap is saved, and an exception is
 recorded in the lap's record (``eval_status: "failed"``, ``eval_error``) instead of
 stopping the run; ``diffem evaluate RUN --missing`` (or resuming the run, possibly with
-changed ``eval.*`` keys) fills it in later.
+changed ``eval.*`` keys) fills it in later. A failure on one process fails the evaluation on
+all of them without leaving any waiting in a collective: every sharded gather is preceded by
+a flag gather (:func:`diffem.tasks.sharded_gather`), and the failing process answers that
+flag with "failed" (:func:`diffem.tasks.all_ok`).
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from ..config import EMConfig
 from ..pipeline import DiffusionPriorPipeline
 from ..random import derive_seed
 from ..scheduler import VEScheduler
-from ..tasks import sharded_over
+from ..tasks import PeerFailure, all_ok, sharded_over
 from .checkpoint import atomic_torch_save
 from .seeds import EVAL
 
@@ -76,12 +79,16 @@ def evaluate_lap(accelerator, config: EMConfig, task, lap: int, unet, run_dir: P
         if artifacts is not None and acc.is_main_process:  # small tensors for figures (samples of this lap)
             (Path(run_dir) / "eval").mkdir(exist_ok=True)
             atomic_torch_save(artifacts, Path(run_dir) / "eval" / f"lap_{lap:02d}.pt")
+    except PeerFailure:  # another process failed; the flag gather that told us paired with its all_ok(False)
+        logger.error("evaluation of lap %d failed on another process", lap)
+        return {"eval_status": "failed", "eval_error": "evaluation failed on another process", "eval_settings": settings}
     except Exception as e:  # noqa: BLE001 - any evaluation failure is recorded, never fatal
         logger.error("evaluation of lap %d failed:\n%s", lap, traceback.format_exc())
         out = {"eval_status": "failed", "eval_error": f"{type(e).__name__}: {e}".splitlines()[0][:500],
                "eval_settings": settings}
+        all_ok(acc, False)  # pairs with the gather the other processes stand at (a flag, or this final one)
+        return out
     # All processes agree: one failure fails the lap's evaluation everywhere.
-    ok = torch.tensor([1.0 if out["eval_status"] == "ok" else 0.0], device=acc.device)
-    if acc.num_processes > 1 and not bool((acc.gather(ok) > 0).all()) and out["eval_status"] == "ok":
+    if not all_ok(acc, True):
         out = {"eval_status": "failed", "eval_error": "evaluation failed on another process", "eval_settings": settings}
     return out

@@ -29,7 +29,8 @@ from torch import Tensor, nn
 from ..config import ConfigError, EMConfig
 from ..operators import LinearOperator
 
-__all__ = ["ObservationSet", "Task", "get_task", "task_class", "draw_prior_samples", "sharded_over", "load_or_build", "TASKS"]
+__all__ = ["ObservationSet", "Task", "get_task", "task_class", "draw_prior_samples", "sharded_over", "sharded_gather",
+           "all_ok", "PeerFailure", "load_or_build", "TASKS"]
 
 
 @dataclass
@@ -116,6 +117,36 @@ def sharded_over(accelerator):
         _SHARDING.reset(token)
 
 
+class PeerFailure(RuntimeError):
+    """Raised by :func:`sharded_gather` on every process when another process's sharded work failed."""
+
+
+def all_ok(accelerator, ok: bool) -> bool:
+    """Whether ``ok`` holds on every process of ``accelerator`` (one all-gather of a flag; none
+    with one process)."""
+    if accelerator.num_processes == 1:
+        return ok
+    flag = torch.tensor([1.0 if ok else 0.0], device=accelerator.device)
+    return bool((accelerator.gather(flag) > 0).all())
+
+
+def sharded_gather(accelerator, tensor: Tensor) -> Tensor:
+    """Every process's ``tensor`` ``(m, ...)`` (same shape on each) as ``(P m, ...)`` on the CPU, in process order.
+
+    Collectives must pair up across processes: a process whose sharded work raised before
+    this gather must not leave the others waiting in it until the group's timeout. So the
+    gather is preceded by :func:`all_ok` with ``True``; a process that failed calls
+    ``all_ok(accelerator, False)`` instead (as :func:`diffem.em.evaluation.evaluate_lap`
+    does), which pairs with that flag gather.
+
+    Raises:
+        PeerFailure: on every process that reached this gather, if another process failed.
+    """
+    if not all_ok(accelerator, True):
+        raise PeerFailure("the sharded work failed on another process")
+    return accelerator.gather(tensor.to(accelerator.device).contiguous()).cpu()
+
+
 def draw_prior_samples(pipeline, n: int, eval_config, seed: int, progress: bool = True) -> Tensor:
     """``n`` prior samples ``(n, *event_shape)`` on the CPU with the evaluation sampler.
 
@@ -139,7 +170,7 @@ def draw_prior_samples(pipeline, n: int, eval_config, seed: int, progress: bool 
         out.append(pipeline(len(idx), eval_config.steps, gens, progress=False).samples.cpu())
     x = torch.cat(out) if out else torch.empty(0, *pipeline.event_shape)
     if processes > 1:
-        x = acc.gather(x.to(acc.device).contiguous()).cpu()
+        x = sharded_gather(acc, x)
     return x[:n]
 
 

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from ..config import ConfigError
 from ..operators import LinearOperator
-from . import _SHARDING, ObservationSet, Task, draw_prior_samples, load_or_build
+from . import _SHARDING, ObservationSet, Task, draw_prior_samples, load_or_build, sharded_gather
 
 __all__ = ["ImageTask", "build_backbone", "random_flip_shift", "sharded_inception_features"]
 
@@ -60,7 +60,7 @@ def sharded_inception_features(images: Tensor, device, logits: bool = False) -> 
     per = math.ceil(n / processes)
     index = torch.arange(rank * per, (rank + 1) * per).clamp(max=n - 1)
     shard = inception_features(images[index], batch_size=100, device=device, logits=logits)
-    return {k: acc.gather(v.to(acc.device).contiguous()).cpu()[:n] for k, v in shard.items()}
+    return {k: sharded_gather(acc, v)[:n] for k, v in shard.items()}
 
 
 def build_backbone(options: dict, channels: int, size: int, seed: int) -> nn.Module:
