@@ -58,6 +58,7 @@ def randn(shape: Sequence[int], generator, dtype=torch.float32, device=None) -> 
             f"`generator` is a list of {len(generators)} generators, which must divide the batch size {shape[0]}"
         )
     block = shape[0] // len(generators)
-    return torch.cat(
-        [torch.randn((block, *shape[1:]), generator=g, device=g.device, dtype=dtype).to(device) for g in generators]
-    )
+    parts = [torch.randn((block, *shape[1:]), generator=g, device=g.device, dtype=dtype) for g in generators]
+    if len({p.device for p in parts}) == 1:
+        return torch.cat(parts).to(device)  # one copy to `device`, not one per generator
+    return torch.cat([p.to(device) for p in parts])

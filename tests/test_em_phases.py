@@ -195,3 +195,18 @@ def test_every_eval_data_key_is_a_data_option_that_training_never_reads():
         assert set(cls.eval_data_keys) <= set(cls.data_defaults), name
         assert not {"observations", "noise_std", "seed", "points", "drop_prob", "acceleration", "eval_path",
                     "eval_volumes"} & set(cls.eval_data_keys)
+
+
+def test_batch_size_not_splitting_over_the_processes_fails_before_any_work(tmp_path):
+    # On 3 processes a batch of 64 has no equal slices: the run must refuse at its start, not
+    # after lap 0 and a whole E-step. A stand-in accelerator reports 3 processes.
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    fake = SimpleNamespace(num_processes=3, process_index=0, is_main_process=True, device=torch.device("cpu"),
+                           distributed_type=DistributedType.MULTI_GPU)
+    run = tmp_path / "run"
+    with pytest.raises(ValueError, match=r"`mstep\.batch_size` \(64\) must be a multiple of the number of processes \(3\)"):
+        EMTrainer(_config(run), accelerator=fake, progress=False).run()
+    assert not run.exists()  # nothing built, nothing trained

@@ -205,7 +205,8 @@ class MStepCheckpoint:
         saved = json.loads(self.state_file.read_text())
         path = self.folder / saved["checkpoint"]
         self.accelerator.load_state(str(path))
-        ema.load_state_dict(torch.load(path / "ema.pt", weights_only=False))
+        # Saved by the main process from its device: map onto this process's (cuda:k, not cuda:0).
+        ema.load_state_dict(torch.load(path / "ema.pt", map_location=self.accelerator.device, weights_only=False))
         return saved["step"], saved["losses"]
 
     def save(self, step: int, log: list, ema) -> Path:

@@ -42,7 +42,7 @@ from ..random import derive_seed
 from .checkpoint import MStepCheckpoint
 from .seeds import MSTEP
 
-__all__ = ["NonFiniteLossError", "mstep_steps", "learning_rate", "run_mstep"]
+__all__ = ["NonFiniteLossError", "mstep_steps", "learning_rate", "check_batch_split", "run_mstep"]
 
 
 class NonFiniteLossError(RuntimeError):
@@ -74,6 +74,17 @@ def learning_rate(cfg: MStepConfig, step: int, total: int) -> float:
     return cfg.lr + (end - cfg.lr) * min(step / max(total, 1), 1.0)
 
 
+def check_batch_split(cfg, num_processes: int) -> None:
+    """Check that ``mstep.batch_size`` splits into equal per-process slices.
+
+    Raises:
+        ValueError: if ``cfg.batch_size`` is not a multiple of ``num_processes``.
+    """
+    if cfg.batch_size % num_processes:
+        raise ValueError(f"`mstep.batch_size` ({cfg.batch_size}) must be a multiple of the number of processes "
+                         f"({num_processes}): each process trains on an equal slice of the global batch")
+
+
 def run_mstep(accelerator, config: EMConfig, task, lap: int, samples: torch.Tensor, backbone: torch.nn.Module,
               folder: Path, previous: Path, progress: bool = False) -> tuple[torch.nn.Module, dict]:
     """Train ``backbone`` on ``samples`` ``(n, *event_shape)``; returns the EMA weights and statistics.
@@ -99,9 +110,7 @@ def run_mstep(accelerator, config: EMConfig, task, lap: int, samples: torch.Tens
     """
     acc, cfg = accelerator, config.mstep
     n = len(samples)
-    if cfg.batch_size % acc.num_processes:
-        raise ValueError(f"`mstep.batch_size` ({cfg.batch_size}) must be a multiple of the number of processes "
-                         f"({acc.num_processes}): each process trains on an equal slice of the global batch")
+    check_batch_split(cfg, acc.num_processes)
     per_process = cfg.batch_size // acc.num_processes
     lo = acc.process_index * per_process
     local = slice(lo, lo + per_process)
@@ -111,9 +120,9 @@ def run_mstep(accelerator, config: EMConfig, task, lap: int, samples: torch.Tens
     total = mstep_steps(cfg, n)
     ema = EMAModel(backbone.parameters(), decay=cfg.ema_decay)
     objective, optimizer = acc.prepare(objective, optimizer)
-    ema.to(acc.device)
     checkpoint = MStepCheckpoint(folder, acc)
     step, log = checkpoint.load(ema)
+    ema.to(acc.device)  # after the load: a resumed EMA must sit on this process's device
     samples = samples.to(acc.device)
     rng_devices = [acc.device] if acc.device.type == "cuda" else []
 

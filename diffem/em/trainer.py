@@ -39,7 +39,7 @@ from .checkpoint import LapRecords, check_resume_config, is_complete, lap_dir, s
 from .estep import keep_samples, run_estep
 from .evaluation import evaluate_lap, is_scheduled, needs_evaluation
 from .lap0 import run_lap0
-from .mstep import mstep_steps, run_mstep
+from .mstep import check_batch_split, mstep_steps, run_mstep
 from .seeds import INIT
 
 __all__ = ["EMTrainer", "run_em", "make_accelerator", "accelerator_kwargs", "describe_hardware", "PRECISIONS"]
@@ -168,8 +168,12 @@ class EMTrainer:
 
         On resume, saved laps whose due evaluation is missing (killed, or failed) are
         evaluated first, with the current ``eval.*`` keys.
+
+        Raises:
+            ValueError: before any work, if ``mstep.batch_size`` does not split over the processes.
         """
         acc = self.accelerator
+        check_batch_split(self.config.mstep, acc.num_processes)  # not hours later, at the first M-step
         print(f"diffem: process {acc.process_index} of num_processes {acc.num_processes} "
               f"({acc.distributed_type.value}, {acc.device}, precision {self.config.precision})", file=sys.stderr, flush=True)
         self._prepare_run_dir()
