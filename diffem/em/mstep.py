@@ -74,7 +74,7 @@ def learning_rate(cfg: MStepConfig, step: int, total: int) -> float:
     return cfg.lr + (end - cfg.lr) * min(step / max(total, 1), 1.0)
 
 
-def check_batch_split(cfg, num_processes: int) -> None:
+def check_batch_split(cfg: MStepConfig, num_processes: int) -> None:
     """Check that ``mstep.batch_size`` splits into equal per-process slices.
 
     Raises:
