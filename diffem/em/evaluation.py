@@ -22,7 +22,6 @@ import time
 import traceback
 from pathlib import Path
 
-import torch
 
 from ..config import EMConfig
 from ..pipeline import DiffusionPriorPipeline
@@ -69,6 +68,11 @@ def evaluate_lap(accelerator, config: EMConfig, task, lap: int, unet, run_dir: P
     acc = accelerator
     start = time.perf_counter()
     settings = dataclasses.asdict(config.eval)
+
+    def failed(error: str) -> dict:
+        return {"eval_status": "failed", "eval_error": error, "eval_settings": settings}
+
+    elsewhere = "evaluation failed on another process"
     try:
         pipe = DiffusionPriorPipeline(unet, VEScheduler(method=config.eval.method)).to(acc.device)
         pipe.set_progress_bar_config(disable=True)
@@ -81,14 +85,10 @@ def evaluate_lap(accelerator, config: EMConfig, task, lap: int, unet, run_dir: P
             atomic_torch_save(artifacts, Path(run_dir) / "eval" / f"lap_{lap:02d}.pt")
     except PeerFailure:  # another process failed; the flag gather that told us paired with its all_ok(False)
         logger.error("evaluation of lap %d failed on another process", lap)
-        return {"eval_status": "failed", "eval_error": "evaluation failed on another process", "eval_settings": settings}
+        return failed(elsewhere)
     except Exception as e:  # noqa: BLE001 - any evaluation failure is recorded, never fatal
         logger.error("evaluation of lap %d failed:\n%s", lap, traceback.format_exc())
-        out = {"eval_status": "failed", "eval_error": f"{type(e).__name__}: {e}".splitlines()[0][:500],
-               "eval_settings": settings}
         all_ok(acc, False)  # pairs with the gather the other processes stand at (a flag, or this final one)
-        return out
+        return failed(f"{type(e).__name__}: {e}".splitlines()[0][:500])
     # All processes agree: one failure fails the lap's evaluation everywhere.
-    if not all_ok(acc, True):
-        out = {"eval_status": "failed", "eval_error": "evaluation failed on another process", "eval_settings": settings}
-    return out
+    return out if all_ok(acc, True) else failed(elsewhere)
