@@ -2,11 +2,16 @@
 
 A reproduction of Rozet et al., "Learning Diffusion Priors from Observations by
 Expectation Maximization", NeurIPS 2024 (arXiv:2405.13712), on PyTorch and diffusers.
+
+This namespace holds the maths and the pipeline (operators, priors, denoisers, posterior
+samplers, schedulers); importing it loads neither the EM trainer nor ``datasets``. The EM loop
+and its lap-0 Gaussian fit are :mod:`diffem.em` (``from diffem.em import fit_gaussian_em``);
+the layers are described in ``docs/architecture.md``.
 """
 
 from .denoiser import Denoiser
 from .edm import edm_scheduler, make_scheduler
-from .gaussian import GaussianPrior, fit_gaussian_em
+from .gaussian import GaussianPrior
 from .linalg import conjugate_gradient
 from .networks import DiT, MLP, build_unet, unet_config
 from .operators import GaussianObservation, Identity, Mask, Projection, SubsampledFourier
@@ -42,7 +47,6 @@ __all__ = [
     "make_scheduler",
     "build_unet",
     "conjugate_gradient",
-    "fit_gaussian_em",
     "sample",
     "sample_posterior",
     "unet_config",

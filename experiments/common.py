@@ -2,26 +2,25 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
-import yaml
+from diffem import runs
 
 
 def read_run(run_dir: str | os.PathLike) -> tuple[dict, list[dict]]:
-    """The resolved config and the metric records (one per lap, last record of a lap wins)."""
+    """The resolved config and the metric records (one per lap, last record of a lap wins), read by
+    :func:`diffem.runs.read_run`.
+
+    Raises:
+        FileNotFoundError: unless the folder holds ``config.yaml`` and ``metrics.jsonl``.
+        diffem.runs.RunFolderError: if they do not parse.
+    """
     run_dir = Path(run_dir)
-    config_path, metrics_path = run_dir / "config.yaml", run_dir / "metrics.jsonl"
-    if not config_path.exists() or not metrics_path.exists():
+    if not (run_dir / runs.CONFIG_FILE).exists() or not (run_dir / runs.METRICS_FILE).exists():
         raise FileNotFoundError(f"`{run_dir}` is not a finished run folder (needs config.yaml and metrics.jsonl)")
-    config = yaml.safe_load(config_path.read_text())
-    records: dict[int, dict] = {}
-    for line in metrics_path.read_text().splitlines():
-        if line.strip():
-            record = json.loads(line)
-            records[record["lap"]] = record
-    return config, [records[k] for k in sorted(records)]
+    run = runs.read_run(run_dir)
+    return run.config, [run.records[k] for k in sorted(run.records)]
 
 
 def hardware(records: list[dict] = ()) -> str:
@@ -75,7 +74,7 @@ def report_main(argv, doc: str, name: str, write_table, write_figure, experiment
     if config["profile"] != "smoke":
         results = Path(experiment_dir) / "results" / config["profile"]
         results.mkdir(parents=True, exist_ok=True)
-        for file in ("config.yaml", "metrics.jsonl"):
+        for file in (runs.CONFIG_FILE, runs.METRICS_FILE):
             (results / file).write_text((run_dir / file).read_text())
     print(f"wrote {args.table} and {args.figure}")
     return 0

@@ -13,8 +13,10 @@ import torch.nn.functional as F
 
 from diffem.config import ConfigError, load_config
 from diffem.data.cifar10 import DEFAULT_CIFAR10_ARCHIVE
-from diffem.em import EMTrainer, lap_dir
-from diffem.tasks import ObservationSet, get_task
+from diffem.em import EMTrainer
+from diffem.observations import ObservationSet
+from diffem.runs import lap_dir
+from diffem.tasks import get_task
 from diffem.tasks.cifar10 import Cifar10Task, random_flip_shift
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -14,8 +14,10 @@ import torch
 from safetensors.torch import load_file
 
 from diffem.config import ConfigError, load_config
-from diffem.em import EMTrainer, describe_hardware, lap_dir
-from diffem.tasks import ObservationSet, get_task
+from diffem.em import EMTrainer, describe_hardware
+from diffem.observations import ObservationSet
+from diffem.runs import lap_dir
+from diffem.tasks import get_task
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["eval.samples=0", "lap0.iterations=4", "data.points=256", "estep.batch_size=128", "estep.steps=8",

@@ -19,7 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from diffem.em import lap_dir
+from diffem.runs import lap_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 SETTINGS = ["laps=1", "lap0.iterations=4", "data.points=256", "estep.batch_size=64", "estep.block=32", "estep.steps=8",

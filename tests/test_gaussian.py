@@ -6,7 +6,8 @@ import pytest
 import torch
 from torch.distributions import MultivariateNormal
 
-from diffem.gaussian import GaussianPrior, fit_gaussian_em, operator_matrix
+from diffem.em.lap0 import fit_gaussian_em
+from diffem.gaussian import GaussianPrior, operator_matrix
 from diffem.operators import GaussianObservation, Mask, Projection
 
 

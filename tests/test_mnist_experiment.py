@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 
 from diffem.config import ConfigError, load_config
-from diffem.em import EMTrainer, lap_dir
+from diffem.em import EMTrainer
 from diffem.networks import DiT
+from diffem.runs import lap_dir
 from diffem.tasks import get_task
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -14,12 +14,14 @@ import torch
 from diffem.config import ConfigError, load_config
 from diffem.data.mri import BRAIN_VOLUMES, DEFAULT_MRI_DIR
 from diffem.denoiser import Denoiser
-from diffem.em import EMTrainer, lap_dir
+from diffem.em import EMTrainer
 from diffem.networks import UNSHUFFLE_PRESETS, PixelUnshuffleUNet, build_unshuffle_unet
+from diffem.observations import ObservationSet
 from diffem.operators import SubsampledFourier
 from diffem.pipeline import DiffusionPriorPipeline, denoiser_of, event_shape_of
+from diffem.runs import lap_dir
 from diffem.scheduler import VEScheduler
-from diffem.tasks import ObservationSet, get_task
+from diffem.tasks import get_task
 from diffem.tasks.mri import MriTask, observe_kspace, random_flip_shift
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -28,16 +26,3 @@ def image_indices(indices: Sequence[int] | Tensor | None, n: int) -> np.ndarray:
     if (idx < 0).any():
         raise ValueError("`indices` must be non-negative")
     return idx
-
-
-def default_cache_dir() -> Path:
-    """The cache folder of datasets, FID statistics and converted weights.
-
-    ``$DIFFEM_CACHE`` if set, else ``~/.cache/diffem``.
-    """
-    return Path(os.environ.get("DIFFEM_CACHE") or Path.home() / ".cache" / "diffem").expanduser()
-
-
-def resolve_cache_dir(cache_dir: str | os.PathLike | None) -> Path:
-    """``cache_dir`` as a path (``~`` expanded), or :func:`default_cache_dir` when ``None``."""
-    return default_cache_dir() if cache_dir is None else Path(cache_dir).expanduser()

@@ -44,7 +44,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ._common import check_seed, image_indices, resolve_cache_dir
+from ..cache import resolve_cache_dir
+from ._common import check_seed, image_indices
 
 __all__ = [
     "CIFAR10_HUB_ID",

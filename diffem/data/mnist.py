@@ -41,8 +41,7 @@ from PIL import Image
 from torch import Tensor
 
 from ._common import check_seed, image_indices
-
-from .manifold import _numpy_to_dataset
+from .tables import numpy_to_dataset
 
 __all__ = [
     "MNIST_HUB_ID",
@@ -332,5 +331,5 @@ def make_noisy_observations(
     y = x.detach().to("cpu", torch.float32) + float(sigma_y) * torch.from_numpy(noise)
     if mask is not None:
         y = y * torch.from_numpy(mask)
-        return _numpy_to_dataset({"y": y.numpy(), "mask": mask})
-    return _numpy_to_dataset({"y": y.numpy()})
+        return numpy_to_dataset({"y": y.numpy(), "mask": mask})
+    return numpy_to_dataset({"y": y.numpy()})

@@ -52,7 +52,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._common import resolve_cache_dir
+from ..cache import resolve_cache_dir
 
 __all__ = [
     "DEFAULT_MRI_DIR",

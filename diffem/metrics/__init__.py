@@ -10,7 +10,7 @@
 The manifold experiment's point-cloud metric (Sinkhorn divergence) lives in :mod:`diffem.ot`.
 """
 
-from ..data._common import default_cache_dir
+from ..cache import default_cache_dir
 from .fid import (
     KID_SEED,
     KID_SUBSET_SIZE,

@@ -48,7 +48,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..data._common import resolve_cache_dir
+from ..cache import resolve_cache_dir
 from .inception import (
     _FEATURES,
     _LOGITS,

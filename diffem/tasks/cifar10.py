@@ -73,6 +73,25 @@ class Cifar10Task(ImageTask):
     )
     network_defaults = dict(kind="unet", preset="cpu") | {k: None for k in _UNET_KEYS}
 
+    @classmethod
+    def card_facts(cls, data: dict, observations, fmt) -> dict:
+        """The model card's description of CIFAR-10 observations (:meth:`Task.card_facts <diffem.tasks.Task.card_facts>`)."""
+        p, sigma = data.get("drop_prob"), data.get("noise_std")
+        return dict(
+            datasets=["uoft-cs/cifar10"], pipeline_tag="unconditional-image-generation",
+            task_type="unconditional-image-generation", dataset_type="uoft-cs/cifar10",
+            dataset_name="CIFAR-10", dataset_split="train", kind="image", event="(3, 32, 32) images in [-2, 2]",
+            corruption=(f"{observations} CIFAR-10 train images, each observed as y = m * (x + sigma_y e) with a "
+                        f"random pixel mask m deleting each pixel (all three channels) with probability {fmt(p)}, "
+                        f"and noise std sigma_y = {fmt(sigma)} (data in [-2, 2])"),
+            operator="`diffem.Mask` (per-image pixel mask, shared over RGB)",
+            posterior=("from diffem import Mask\n"
+                       "g = torch.Generator().manual_seed(0)\n"
+                       f"mask = torch.rand(4, 1, 32, 32, generator=g) > {fmt(p)}  # True = observed pixel\n"
+                       "A = Mask(mask, channels=3)\n"
+                       f"y = A(x[:4] + {fmt(sigma)} * torch.randn(4, 3, 32, 32, generator=g))  # stand-ins for real y"),
+        )
+
     def check(self):
         source = self.data["source"]
         if source is not None and str(source) in _HUB_NAMES:  # the Hub is not a path: let the base class check everything else

@@ -27,6 +27,24 @@ class MnistTask(ImageTask):
     network_defaults = dict(kind="dit", preset="cpu", patch_size=4, num_layers=4, num_attention_heads=4,
                             attention_head_dim=32)
 
+    @classmethod
+    def card_facts(cls, data: dict, observations, fmt) -> dict:
+        """The model card's description of MNIST observations (:meth:`Task.card_facts <diffem.tasks.Task.card_facts>`)."""
+        mp, sigma = data.get("mask_prob"), data.get("noise_std")
+        masked = "" if mp is None else f", a random pixel mask deleting each pixel with probability {fmt(mp)},"
+        return dict(
+            datasets=["ylecun/mnist"], pipeline_tag="unconditional-image-generation",
+            task_type="unconditional-image-generation", dataset_type="ylecun/mnist", dataset_name="MNIST",
+            dataset_split=str(data.get("split", "test")), kind="image", event="(1, 28, 28) images in [-2, 2]",
+            corruption=(f"{observations} MNIST digits of the `{data.get('split', 'test')}` split, each observed as "
+                        f"y = x + sigma_y e{masked} with noise std sigma_y = {fmt(sigma)} (data in [-2, 2])"),
+            operator="`diffem.Identity`" + ("" if mp is None else " / `diffem.Mask`"),
+            posterior=("from diffem import Identity\n"
+                       "g = torch.Generator().manual_seed(0)\n"
+                       "A = Identity()\n"
+                       f"y = A(x[:4] + {fmt(sigma)} * torch.randn(4, 1, 28, 28, generator=g))  # stand-ins for real y"),
+        )
+
     def check(self):
         super().check()
         p = self.data["mask_prob"]

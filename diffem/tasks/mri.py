@@ -5,7 +5,7 @@ Observations (Rozet et al. 2024, Section 5.3)
 .. math:: y_i = M_i \odot \big(\mathrm{FFT2c}(x_i) + \sigma_y e_i\big), \qquad \sigma_y = 10^{-2},
 
 with the centred orthonormal 2-D FFT and a random column mask :math:`M_i` drawn per slice at
-acceleration ``data.acceleration`` (the paper: R = 6) by :func:`diffem.operators.column_mask`
+acceleration ``data.acceleration`` (the paper: R = 6) by :func:`diffem.data.mri_mask.column_mask`
 (the authors' fastMRI mask, scaled to the image width); the forward operator is
 :class:`~diffem.operators.SubsampledFourier` (real and imaginary parts as two channels).
 Unobserved columns of ``y`` are stored as 0 (the authors add noise there too; it carries no
@@ -57,20 +57,23 @@ from torch import Tensor, nn
 
 from ..config import ConfigError
 from ..operators import SubsampledFourier
-from . import ObservationSet, Task, draw_prior_samples, load_or_build
+from ..observations import ObservationSet
+from . import Task, draw_prior_samples, load_or_build
 from .images import random_flip_shift as flip_shift
 
-__all__ = ["MriTask", "observe_kspace", "random_flip_shift"]
+__all__ = ["MriTask", "observe_kspace", "random_flip_shift", "TRAIN_STREAM", "EVAL_STREAM"]
 
 _NET_KEYS = ("factor", "block_out_channels", "layers_per_block", "attention_levels", "norm_num_groups", "dropout",
              "heads")
-_TRAIN_STREAM, _EVAL_STREAM = 0, 1
+#: The seed streams of the training observations and of the fixed evaluation observations
+#: (:func:`observe_kspace`).
+TRAIN_STREAM, EVAL_STREAM = 0, 1
 
 
 def observe_kspace(x: Tensor, acceleration: float, noise_std: float, seed: int, stream: int, indices) -> tuple[Tensor, Tensor]:
     r"""Observe images through random column masks: :math:`y = M \odot (\mathrm{FFT2c}(x) + \sigma e)`.
 
-    Image ``k`` (index ``indices[k]``) draws its mask (:func:`diffem.operators.column_mask`)
+    Image ``k`` (index ``indices[k]``) draws its mask (:func:`diffem.data.mri_mask.column_mask`)
     and then its noise from one generator seeded with ``derive_seed(seed, stream, index)``
     (the evaluation masks add ``round(100 R)`` to the keys), so an observation depends on
     ``(seed, stream, index)`` only, never on the batch.
@@ -89,7 +92,7 @@ def observe_kspace(x: Tensor, acceleration: float, noise_std: float, seed: int, 
     Raises:
         ValueError: for a non-square or non-4-D ``x``, a bad acceleration or noise level.
     """
-    from ..operators import column_mask
+    from ..data.mri_mask import column_mask
     from ..random import derive_seed
 
     if x.dim() != 4 or x.shape[1] != 1 or x.shape[2] != x.shape[3]:
@@ -100,7 +103,7 @@ def observe_kspace(x: Tensor, acceleration: float, noise_std: float, seed: int, 
     indices = [int(i) for i in indices]
     if len(indices) != n:
         raise ValueError(f"`indices` has length {len(indices)}, expected {n}")
-    extra = (int(round(100 * acceleration)),) if stream == _EVAL_STREAM else ()
+    extra = (int(round(100 * acceleration)),) if stream == EVAL_STREAM else ()
     masks, noises = [], []
     for i in indices:
         g = torch.Generator().manual_seed(derive_seed(seed, stream, *extra, i))
@@ -152,6 +155,30 @@ class MriTask(Task):
     # (not eval_path / eval_volumes: without eval_path, the held-out volumes leave the training set)
     eval_data_keys = ("eval_accelerations", "eval_slices", "posterior_samples", "posterior_method", "posterior_steps",
                       "posterior_maxiter", "posterior_batch_size")
+
+    @classmethod
+    def card_facts(cls, data: dict, observations, fmt) -> dict:
+        """The model card's description of MRI observations (:meth:`Task.card_facts <diffem.tasks.Task.card_facts>`)."""
+        size, R, sigma = data.get("size"), data.get("acceleration"), data.get("noise_std")
+        source = ("the offline brain volumes" if data.get("kind") == "brain"
+                  else "fastMRI single-coil knee `reconstruction_rss` slices")
+        return dict(
+            datasets=[], pipeline_tag="unconditional-image-generation", task_type="unconditional-image-generation",
+            dataset_type="fastmri" if data.get("kind") == "fastmri" else "mri-brain-volumes",
+            dataset_name=f"MRI slices ({data.get('kind')}, {size}x{size})", dataset_split="eval", kind="image",
+            event=f"(1, {size}, {size}) magnitude images in [-2, 2]",
+            corruption=(f"{observations} MRI slices of {source}, {size}x{size} pixels, each observed as "
+                        f"y = M (FFT2c(x) + sigma_y e): a random column mask M of acceleration R = {fmt(R)} "
+                        f"over the centred 2-D FFT, noise std sigma_y = {fmt(sigma)}"
+                        + (f", every observation repeated {data.get('duplicate')} times"
+                           if (data.get("duplicate") or 1) > 1 else "")),
+            operator="`diffem.SubsampledFourier` (real and imaginary parts as two channels)",
+            posterior=("from diffem import SubsampledFourier\n"
+                       "from diffem.operators import column_mask\n"
+                       f"mask = ...  # (4, {size}) bool: the observed k-space columns, e.g. from column_mask\n"
+                       "A = SubsampledFourier(mask)\n"
+                       "y = ...  # (4, 2, H, W): real and imaginary k-space, zero on unobserved columns"),
+        )
 
     # -- options ---------------------------------------------------------------------------------
     def check(self):
@@ -281,7 +308,7 @@ class MriTask(Task):
                 for i in range(start, stop, 64):
                     j = min(i + 64, stop)
                     y, mask = observe_kspace(x[i:j], float(d["acceleration"]), float(d["noise_std"]), int(d["seed"]),
-                                             _TRAIN_STREAM, range(i, j))
+                                             TRAIN_STREAM, range(i, j))
                     for k in range(j - i):
                         yield {"y": y[k].numpy(), "mask": mask[k].numpy()}
 
@@ -317,7 +344,7 @@ class MriTask(Task):
         """The fixed evaluation observations at one acceleration: ``(y (n, 2, S, S), mask (n, S))``."""
         x = self.clean_images("test")
         return observe_kspace(x, float(acceleration), float(self.data["noise_std"]), int(self.data["seed"]),
-                              _EVAL_STREAM, range(len(x)))
+                              EVAL_STREAM, range(len(x)))
 
     def evaluate(self, pipeline, lap: int, generator_seed: int, progress: bool = True) -> dict:
         """Metrics of the prior ``pipeline`` on the held-out slices; see the module docstring.
@@ -330,7 +357,7 @@ class MriTask(Task):
         from ..metrics import nmse, psnr, ssim
         from ..pipeline import denoiser_of
         from ..random import make_generators
-        from ..sampling import sample_posterior
+        from ..spec import SamplerSpec
 
         d = self.data
         x = self.clean_images("test")
@@ -352,10 +379,11 @@ class MriTask(Task):
             zero_filled = A.pinv(y)
             reps = torch.arange(n).repeat_interleave(k)
             gens = make_generators(generator_seed, r_index, indices=range(n * k))
-            samples = sample_posterior(
-                denoiser, y[reps].to(device), A[reps].to(device), float(d["noise_std"]), self.event_shape,
-                steps=int(d["posterior_steps"]), maxiter=int(d["posterior_maxiter"]), method=d["posterior_method"],
-                generator=gens, batch_size=int(d["posterior_batch_size"]), device=device,
+            spec = SamplerSpec(method=d["posterior_method"], steps=int(d["posterior_steps"]),
+                               maxiter=int(d["posterior_maxiter"]), noise_std=float(d["noise_std"]))
+            samples = spec.sample(
+                denoiser, y[reps].to(device), A[reps].to(device), self.event_shape, gens,
+                batch_size=int(d["posterior_batch_size"]), device=device,
             ).cpu().float().reshape(n, k, *self.event_shape)
             mean = samples.mean(1)
             norm_y = y.flatten(1).norm(dim=1)
@@ -390,214 +418,3 @@ class MriTask(Task):
         artifacts["prior"] = None if prior is None else prior[:16].cpu()
         self.artifacts = artifacts
         return out
-
-
-# -- reconstruction of a user's scan (``diffem reconstruct``) -------------------------------------
-def _centred_ifft2(k: np.ndarray) -> np.ndarray:
-    return np.fft.fftshift(np.fft.ifft2(np.fft.ifftshift(k, axes=(-2, -1)), norm="ortho"), axes=(-2, -1))
-
-
-def magnitudes_from_kspace(kspace: np.ndarray, crop: int = 320) -> np.ndarray:
-    r"""Magnitude images ``(N, c, c)`` of fully sampled k-space ``(N, H, W)``: :math:`|\mathrm{IFFT2c}(k)|`,
-    centre-cropped to ``c = min(crop, H, W)`` (how fastMRI's 320x320 reconstructions are made).
-
-    Raises:
-        ValueError: if ``kspace`` is not a finite complex array of shape ``(N, H, W)``.
-    """
-    if not np.iscomplexobj(kspace):
-        raise ValueError(f"`kspace` must be complex, got dtype {kspace.dtype}")
-    if kspace.ndim != 3:
-        raise ValueError(f"`kspace` must have shape (slices, height, width), got {kspace.shape}")
-    if not np.isfinite(kspace).all():
-        raise ValueError("`kspace` contains NaN or inf values")
-    image = np.abs(_centred_ifft2(kspace))
-    h, w = image.shape[-2:]
-    c = min(crop, h, w)
-    top, left = (h - c) // 2, (w - c) // 2
-    return image[:, top:top + c, left:left + c].astype(np.float32)
-
-
-def prepare_slice(magnitude: np.ndarray, peak: float, size: int) -> Tensor:
-    """A magnitude slice ``(H, W)`` (>= 0) as the prior's input ``(1, 1, size, size)`` in [-2, 2].
-
-    ``4 v / peak - 2`` (``peak``: the volume's maximum), padded to a square and resized
-    (:func:`diffem.data.mri.resize_images`).
-
-    Raises:
-        ValueError: if the slice is not 2-D, not finite or negative, or ``peak`` is not > 0.
-    """
-    from ..data.mri import resize_images
-
-    v = np.asarray(magnitude)
-    if v.ndim != 2:
-        raise ValueError(f"the image must be a 2-D slice (height, width), got shape {v.shape}")
-    if not np.isfinite(v).all():
-        raise ValueError("the image contains NaN or inf values")
-    if (v < 0).any():
-        raise ValueError("the image must hold magnitudes (>= 0); found negative values")
-    if not peak > 0:
-        raise ValueError(f"the volume's maximum must be > 0, got {peak!r}")
-    x = torch.from_numpy(v.astype(np.float32)) * (4.0 / float(peak)) - 2.0
-    return resize_images(x[None], size)[None]
-
-
-@torch.no_grad()
-def reconstruct(pipeline, x: Tensor, acceleration: float, samples: int = 4, seed: int = 0, noise_std: float = 1e-2,
-                steps: int = 64, maxiter: int = 5, method: str = "ddpm", batch_size: int = 8) -> dict:
-    r"""Undersample one slice retrospectively and sample its posterior under a saved prior.
-
-    ``y = M (FFT2c(x) + noise_std e)`` with a column mask at ``acceleration`` and noise drawn
-    from ``(seed, 1, round(100 R), 0)`` (:func:`observe_kspace`), then ``samples`` MMPS
-    posterior samples (sample ``j`` from the generator ``(seed, j)``).
-
-    Arguments:
-        pipeline: A :class:`~diffem.pipeline.DiffusionPriorPipeline` of an MRI prior (event ``(1, S, S)``).
-        x: The slice ``(1, 1, S, S)`` in [-2, 2] (:func:`prepare_slice`).
-
-    Returns:
-        A dict of ``(S, S)`` tensors in magnitude units (1 = the volume's maximum):
-        ``reference``, ``zero_filled`` (:math:`A^+ y`), ``mean``, ``std``, ``samples``
-        ``(samples, S, S)``, and ``mask`` ``(S,)`` bool, ``effective_acceleration`` (float).
-    """
-    from ..pipeline import denoiser_of
-    from ..random import make_generators
-    from ..sampling import sample_posterior
-
-    if int(samples) != samples or samples < 1:
-        raise ValueError(f"`samples` must be an integer >= 1, got {samples!r}")
-    event = tuple(pipeline.event_shape)
-    if len(event) != 3 or event[0] != 1 or event[1] != event[2]:
-        raise ValueError(f"the prior's samples have shape {event}: not an MRI prior (expected (1, S, S))")
-    if tuple(x.shape) != (1, *event):
-        raise ValueError(f"`x` has shape {tuple(x.shape)}, expected (1, *{event})")
-    y, mask = observe_kspace(x, float(acceleration), float(noise_std), int(seed), _EVAL_STREAM, [0])
-    A = SubsampledFourier(mask)
-    reps = torch.zeros(int(samples), dtype=torch.long)
-    device = pipeline.device
-    draws = sample_posterior(
-        denoiser_of(pipeline.unet), y[reps].to(device), A[reps].to(device), float(noise_std), event, steps=steps,
-        maxiter=maxiter, method=method, generator=make_generators(int(seed), indices=range(int(samples))),
-        batch_size=batch_size, device=device,
-    ).cpu().float()
-    magnitudes = _magnitude(draws)
-    return {
-        "reference": _magnitude(x)[0], "zero_filled": _magnitude(A.pinv(y))[0], "samples": magnitudes,
-        "mean": _magnitude(draws.mean(0, keepdim=True))[0],
-        "std": magnitudes.std(0) if samples > 1 else torch.zeros_like(magnitudes[0]),
-        "mask": mask[0], "effective_acceleration": float(A.effective_acceleration()[0]),
-    }
-
-
-def _load_prior(prior_dir: Path):
-    from ..pipeline import DiffusionPriorPipeline
-
-    prior_dir = Path(prior_dir)
-    if not prior_dir.is_dir():
-        raise FileNotFoundError(f"prior folder not found: {prior_dir}")
-    folder = prior_dir
-    if not (folder / "model_index.json").exists():  # a run folder: its last finished lap
-        laps = sorted(p for p in prior_dir.glob("lap_[0-9][0-9]") if (p / "model_index.json").exists())
-        if not laps:
-            raise FileNotFoundError(f"{prior_dir} is neither a saved prior (model_index.json) nor a run with a finished lap")
-        folder = laps[-1]
-    return DiffusionPriorPipeline.from_pretrained(folder), folder
-
-
-def _read_input(args, size: int) -> tuple[Tensor, str]:
-    """The slice chosen by ``--h5`` / ``--nifti`` / ``--npy`` as ``(1, 1, size, size)`` in [-2, 2]."""
-    from ..data.mri import read_fastmri_file
-
-    def pick(volume: np.ndarray, what: str) -> np.ndarray:
-        index = volume.shape[0] // 2 if args.slice is None else args.slice
-        if not 0 <= index < volume.shape[0]:
-            raise ValueError(f"--slice {index} is out of range: {what} has {volume.shape[0]} slices")
-        return volume[index]
-
-    if args.h5 is not None:
-        kspace = read_fastmri_file(args.h5, "kspace")
-        volume = magnitudes_from_kspace(kspace)
-        return prepare_slice(pick(volume, args.h5), float(volume.max()), size), f"{args.h5}: 'kspace'"
-    if args.nifti is not None:
-        import nibabel as nib
-
-        path = Path(args.nifti)
-        if not path.is_file():
-            raise FileNotFoundError(f"NIfTI file not found: {path}")
-        volume = np.asarray(nib.as_closest_canonical(nib.load(str(path))).dataobj, dtype=np.float32)
-        if volume.ndim != 3:
-            raise ValueError(f"{path}: expected a 3-D volume, got shape {volume.shape}")
-        if args.axis not in (0, 1, 2):
-            raise ValueError(f"--axis must be 0, 1 or 2, got {args.axis}")
-        slices = np.moveaxis(volume, args.axis, 0)
-        image = np.flip(pick(slices, str(path)).T, 0)  # rows: the next axis, top = its far end
-        return prepare_slice(np.ascontiguousarray(image), float(volume.max()), size), str(path)
-    path = Path(args.npy)
-    if not path.is_file():
-        raise FileNotFoundError(f"array file not found: {path}")
-    array = np.load(path)
-    if np.iscomplexobj(array):
-        raise ValueError(f"{path}: expected real magnitudes, got a complex array (use --h5 for k-space)")
-    if array.ndim == 2:
-        return prepare_slice(array, float(np.max(array)), size), str(path)
-    if array.ndim == 3:
-        return prepare_slice(pick(array, str(path)), float(np.max(array)), size), str(path)
-    raise ValueError(f"{path}: expected a slice (height, width) or a volume (slices, height, width), got shape {array.shape}")
-
-
-def reconstruct_command(args) -> int:
-    """``diffem reconstruct PRIOR_DIR (--h5 F | --nifti F | --npy F) --acceleration R [--samples K]``.
-
-    Writes ``posterior_mean.npy``, ``posterior_std.npy``, ``zero_filled.npy``, ``reference.npy``
-    (magnitudes, 1 = the volume's maximum), ``mask.npy`` and ``reconstruction.png`` into
-    ``--output-dir`` and prints a JSON summary (PSNR / SSIM against the fully sampled slice).
-
-    Raises:
-        ValueError: for a missing key, a wrong shape, non-finite k-space or a prior that is not an MRI prior.
-        FileNotFoundError: for a missing prior or input file.
-    """
-    import json
-
-    from ..metrics import psnr, ssim
-
-    pipeline, folder = _load_prior(Path(args.prior_dir))
-    event = tuple(pipeline.event_shape)
-    if len(event) != 3 or event[0] != 1:
-        raise ValueError(f"{folder}: the prior's samples have shape {event}: not an MRI prior (expected (1, S, S))")
-    x, source = _read_input(args, event[-1])
-    out = reconstruct(pipeline, x, args.acceleration, args.samples, args.seed, args.noise_std, args.steps, args.maxiter)
-    target = Path(args.output_dir)
-    target.mkdir(parents=True, exist_ok=True)
-    for name, key in (("posterior_mean", "mean"), ("posterior_std", "std"), ("zero_filled", "zero_filled"),
-                      ("reference", "reference"), ("mask", "mask")):
-        np.save(target / f"{name}.npy", out[key].numpy())
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    panels = [("mask", out["mask"].float()[None].expand(event[-1], -1), "gray", 1.0),
-              ("zero-filled", out["zero_filled"], "gray", None), ("posterior mean", out["mean"], "gray", None),
-              ("posterior std", out["std"], "magma", None), ("fully sampled", out["reference"], "gray", None)]
-    vmax = float(out["reference"].max())
-    fig, axes = plt.subplots(1, len(panels), figsize=(2.2 * len(panels), 2.6))
-    for ax, (title, image, cmap, top) in zip(axes, panels):
-        ax.imshow(image.numpy(), cmap=cmap, vmin=0, vmax=top if top is not None or cmap != "gray" else vmax)
-        ax.set_title(title, fontsize=8), ax.set_xticks([]), ax.set_yticks([])
-    fig.suptitle(f"R = {args.acceleration:g} ({args.samples} posterior samples)", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(target / "reconstruction.png", dpi=120)
-    plt.close(fig)
-
-    ref = out["reference"][None]
-
-    def score(image):
-        return {"psnr": float(psnr(image[None], ref, data_range=1.0)[0]),
-                "ssim": float(ssim(image[None], ref, data_range=1.0, gaussian_kernel=False, kernel_size=7)[0])}
-
-    summary = {"prior": str(folder), "input": source, "acceleration": args.acceleration,
-               "effective_acceleration": out["effective_acceleration"], "samples": args.samples,
-               "posterior_mean": score(out["mean"]), "zero_filled": score(out["zero_filled"]),
-               "output_dir": str(target)}
-    print(json.dumps(summary))
-    return 0

@@ -37,7 +37,7 @@ ROOT = HERE.parents[1]
 sys.path.insert(0, str(HERE.parent))
 from common import fmt, hardware, read_run, save_figure  # noqa: E402
 
-from diffem.config import EMConfig, _from_dict  # noqa: E402
+from diffem.config import config_from_dict  # noqa: E402
 from diffem.data.cifar10 import from_uint8, to_uint8  # noqa: E402
 from diffem.tasks import get_task  # noqa: E402
 
@@ -84,7 +84,7 @@ class Level:
         return f"{where} (`{_rel(self.folder)}`)"
 
     def task(self):
-        cfg = _from_dict(EMConfig, dict(self.config))
+        cfg = config_from_dict(dict(self.config))
         cfg.output_dir = str(self.folder)
         return get_task(cfg)
 

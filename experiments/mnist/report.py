@@ -20,7 +20,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import fmt, hardware, report_main, save_figure  # noqa: E402
 
-from diffem.config import EMConfig, _from_dict  # noqa: E402
+from diffem.config import config_from_dict  # noqa: E402
 from diffem.tasks import get_task  # noqa: E402
 
 
@@ -81,7 +81,7 @@ def _grid(ax, images: torch.Tensor, title: str) -> None:
 
 
 def write_figure(config: dict, records: list[dict], path: Path, run_dir: Path, columns: int = 12) -> None:
-    cfg = _from_dict(EMConfig, dict(config))
+    cfg = config_from_dict(dict(config))
     cfg.output_dir = str(run_dir)
     task = get_task(cfg)
     laps = [r["lap"] for r in records if (run_dir / "eval" / f"lap_{r['lap']:02d}.pt").exists()]

@@ -18,9 +18,10 @@ from pathlib import Path
 import torch
 
 from diffem.config import load_config
+from diffem.distributed import sharded_gather
 from diffem.em import make_accelerator
 from diffem.em.evaluation import evaluate_lap
-from diffem.tasks import get_task, sharded_gather
+from diffem.tasks import get_task
 
 out_dir = Path(sys.argv[1])
 config = load_config("manifold", "smoke", overrides=[f"output_dir={out_dir / 'run'}", "timeout_minutes=1"])

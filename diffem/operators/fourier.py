@@ -1,0 +1,134 @@
+r"""The MRI forward operator: a column-subsampled, orthonormal, centred 2-D Fourier transform.
+
+:class:`SubsampledFourier` maps a real image ``(*batch, 1, H, W)`` to its masked k-space as two
+real channels ``(*batch, 2, H, W)``; its masks come from the fastMRI column-mask policy
+(:func:`diffem.data.mri_mask.column_mask`).
+
+References:
+    Zbontar et al., "fastMRI", arXiv:1811.08839; Rozet et al. 2024, arXiv:2405.13712, Section 5.3.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .base import LinearOperator, check_mask
+
+__all__ = ["SubsampledFourier"]
+
+
+class SubsampledFourier(LinearOperator):
+    r"""Column-subsampled, orthonormal, centred 2-D Fourier transform (MRI k-space).
+
+    .. math:: A x = M \, S F S' x
+
+    where :math:`F` is the orthonormal 2-D DFT, :math:`S` / :math:`S'` the
+    ``fftshift`` / ``ifftshift`` permutations and :math:`M` keeps the sampled
+    k-space columns. The complex output is returned as two real channels
+    (real, imaginary), so ``A`` maps a real image ``(*batch, 1, H, W)`` to
+    ``(*batch, 2, H, W)``. The adjoint is the real part of the centred inverse
+    DFT of the masked k-space.
+
+    **Pseudo-inverse.** Write :math:`F_c = S F S'` and :math:`k = y_0 + i y_1`.
+    In the centred indexing the DC column is :math:`c_0 = \lfloor W/2 \rfloor`
+    and column :math:`v` mirrors to :math:`\bar v = (2 c_0 - v) \bmod W`
+    (likewise for rows). Let :math:`(P k)[u, v] = \overline{k[\bar u, \bar v]}`,
+    a real-linear, orthogonal and symmetric involution. Since
+    :math:`\overline{F_c^H k} = F_c^H P k`,
+
+    .. math:: A A^T k = M F_c \operatorname{Re}(F_c^H M k)
+              = \tfrac12 (M k + M P M k).
+
+    This splits over the sampled columns:
+
+    * a column :math:`v` whose mirror :math:`\bar v` is sampled too (DC always, and
+      the Nyquist column :math:`v = 0` at even ``W``, which are their own mirrors):
+      :math:`A A^T = \tfrac12 (I + P)`, the orthogonal projection onto
+      Hermitian-symmetric k-space, eigenvalues 1 and 0 (the anti-Hermitian part,
+      e.g. the imaginary part at the self-mirrored points, is never produced by a
+      real image);
+    * a column whose mirror is not sampled: :math:`M P M = 0` there, so
+      :math:`A A^T = \tfrac12 I`;
+    * an unsampled column: 0.
+
+    Hence :math:`(A A^T)^+ = \tfrac12(I + P) M_2 + 2 M_1` (:math:`M_2`, :math:`M_1`:
+    the sampled columns with / without their mirror), and since
+    :math:`A^T P k = A^T k` for ``k`` supported on :math:`M_2`,
+
+    .. math:: A^+ y = A^T \big( (M_2 + 2 M_1) \, y \big),
+
+    i.e. the zero-filled reconstruction with the k-space columns whose mirror is
+    missing counted twice. :math:`A^+ \ne A^T` unless the mask is symmetric.
+
+    **Consequence.** A real image's spectrum is conjugate-symmetric, so column
+    :math:`v` also tells column :math:`\bar v`: the rank of ``A`` (real degrees of
+    freedom observed) is :math:`H` per sampled self-mirrored column plus
+    :math:`2H` per sampled pair :math:`\{v, \bar v\}` (whether one or both are
+    sampled). With random columns the effective acceleration
+    :math:`HW / \operatorname{rank} A` (:meth:`effective_acceleration`) is
+    therefore milder than the nominal ``R`` = W / (sampled columns), by up
+    to a factor 2.
+
+    Arguments:
+        mask: A boolean tensor of shape ``(*batch, W)``, ``batch`` equal to ``()``
+            or ``(B,)``; ``True`` marks a sampled k-space column (centred indexing,
+            DC at ``W // 2``; see :func:`column_mask`).
+        height: The image height ``H`` (default: ``W``, square images).
+
+    References:
+        Zbontar et al., "fastMRI", arXiv:1811.08839; Rozet et al. 2024, Section 5.3.
+    """
+
+    params = ("mask",)
+
+    def __init__(self, mask: Tensor, height: int | None = None):
+        check_mask("mask", mask, 1)
+        self.mask = mask
+        width = mask.shape[-1]
+        self.height = int(width if height is None else height)
+        self.batch_shape = tuple(mask.shape[:-1])
+        self.in_shape = (1, self.height, width)
+        self.out_shape = (2, self.height, width)
+
+    def _forward(self, x: Tensor) -> Tensor:
+        k = torch.fft.fftshift(torch.fft.fft2(torch.fft.ifftshift(x[..., 0, :, :], dim=(-2, -1)), norm="ortho"), dim=(-2, -1))
+        k = k * self.mask[..., None, :].to(x.dtype)
+        return torch.stack((k.real, k.imag), dim=-3)
+
+    def _adjoint(self, y: Tensor) -> Tensor:
+        k = torch.complex(y[..., 0, :, :], y[..., 1, :, :]) * self.mask[..., None, :].to(y.dtype)
+        x = torch.fft.fftshift(torch.fft.ifft2(torch.fft.ifftshift(k, dim=(-2, -1)), norm="ortho"), dim=(-2, -1))
+        return x.real[..., None, :, :]
+
+    def mirrored_mask(self) -> Tensor:
+        r"""The mask of the mirror columns, ``(*batch, W)``: entry ``v`` is ``mask[(2 (W//2) - v) % W]``."""
+        width = self.mask.shape[-1]
+        mirror = (2 * (width // 2) - torch.arange(width, device=self.mask.device)) % width
+        return self.mask[..., mirror]
+
+    def _pinv(self, y: Tensor) -> Tensor:
+        # A^+ y = A^T((M_2 + 2 M_1) y): weight 1 where the mirror column is sampled, 2 where not.
+        weight = 2.0 - self.mirrored_mask().to(y.dtype)
+        return self._adjoint(y * weight[..., None, None, :])
+
+    def rank(self) -> Tensor:
+        r"""The rank of ``A`` on real images, per sample, ``(*batch,)`` (int64).
+
+        :math:`H` per sampled self-mirrored column (DC; Nyquist at even ``W``) plus
+        :math:`2H` per distinct sampled pair :math:`\{v, \bar v\}`; see the class docstring.
+        """
+        m, mm = self.mask, self.mirrored_mask()
+        width = m.shape[-1]
+        mirror = (2 * (width // 2) - torch.arange(width, device=m.device)) % width
+        self_mirrored = mirror == torch.arange(width, device=m.device)
+        pairs = (m | mm) & ~self_mirrored  # each distinct pair {v, v̄} is counted at both v and v̄
+        return self.height * ((m & self_mirrored).sum(-1) + pairs.sum(-1))
+
+    def effective_acceleration(self) -> Tensor:
+        r"""``H W / rank(A)`` per sample, ``(*batch,)``: the acceleration seen by a real image.
+
+        Milder than the nominal ``W / mask.sum(-1)`` (down to half of it), because a
+        real image's spectrum is conjugate-symmetric.
+        """
+        return self.height * self.mask.shape[-1] / self.rank().double()
