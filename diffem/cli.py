@@ -2,6 +2,7 @@
 
     diffem train <experiment> [--profile P] [--config FILE] [--output-dir DIR] [--set key=value ...] [--dry-run]
     diffem evaluate <run_dir> [--lap K | --missing] [--samples N] [--set eval.key=value ...]
+    diffem fork <run_dir> --lap K --output-dir DIR [--set estep.key=value ...]
     diffem setup-inception
     diffem reconstruct <prior_dir> (--h5 FILE.h5 | --nifti FILE.nii.gz | --npy FILE.npy) --acceleration R [--samples K]
     diffem publish <run_dir> --repo-id NAME [--lap K | --all-laps] [--private] [--token T] [--output-dir DIR] [--dry-run]
@@ -10,7 +11,9 @@
 for several processes or GPUs. ``--dry-run`` prints the resolved configuration and exits.
 ``evaluate`` fills in (or redoes) the evaluation of saved laps, with the run's ``eval.*``
 keys or changed ones, and updates their records in ``metrics.jsonl``; it exits with 1 if
-an evaluation fails (the failure is recorded).
+an evaluation fails (the failure is recorded). ``fork`` starts a run from copies of another
+run's laps ``0..K`` with changed E-step / M-step keys (:mod:`diffem.em.fork`); ``train`` on
+the new folder then resumes at lap ``K + 1``.
 """
 
 from __future__ import annotations
@@ -55,7 +58,7 @@ def _train(args) -> int:
 def _evaluate(args) -> int:
     from pathlib import Path
 
-    from .config import EMConfig, _from_dict
+    from .config import config_from_dict
     from .em import EMTrainer, make_accelerator
 
     run_dir = Path(args.run_dir)
@@ -74,7 +77,7 @@ def _evaluate(args) -> int:
             raise ConfigError(f"`diffem evaluate --set {item}`: only `eval.<key>=<value>` and the evaluation's "
                               f"data keys ({', '.join(f'data.{k}' for k in allowed) or 'none'}) may be set")
         data.setdefault(section, {})[name] = yaml.safe_load(raw)
-    config = _from_dict(EMConfig, data).validate()
+    config = config_from_dict(data)
     config.output_dir = str(run_dir)
     accelerator = make_accelerator(config)
     trainer = EMTrainer(config, accelerator, progress=not args.no_progress)
@@ -97,6 +100,22 @@ def _evaluate(args) -> int:
     return 1 if failed else 0
 
 
+def _fork(args) -> int:
+    from pathlib import Path
+
+    from .em.fork import fork_run
+    from .tasks import task_class
+
+    source = Path(args.run_dir)
+    experiment = (yaml.safe_load((source / "config.yaml").read_text()) or {}).get("experiment", "") \
+        if (source / "config.yaml").exists() else ""
+    keys = task_class(experiment).eval_data_keys if experiment else ()
+    config = fork_run(source, args.lap, args.output_dir, args.set, eval_data_keys=keys)
+    print(f"diffem: forked laps 0-{args.lap} of {source} into {config.run_dir}; "
+          f"`diffem train --config {config.run_dir / 'config.yaml'}` resumes it at lap {args.lap + 1}")
+    return 0
+
+
 def _publish(args) -> int:
     from .hub import PublishError, publish
 
@@ -110,7 +129,7 @@ def _publish(args) -> int:
 
 
 def _reconstruct(args) -> int:
-    from .tasks.mri import reconstruct_command
+    from .reconstruct import reconstruct_command
 
     try:
         return reconstruct_command(args)
@@ -149,6 +168,14 @@ def main(argv: list[str] | None = None) -> int:
     evaluate.add_argument("--set", nargs="*", action="extend", default=[], metavar="eval.KEY=VALUE")
     evaluate.add_argument("--no-progress", action="store_true")
     evaluate.set_defaults(func=_evaluate)
+
+    fork = sub.add_parser("fork", help="start a run from copies of another run's first laps, with changed E-/M-step keys")
+    fork.add_argument("run_dir", help="the source run folder")
+    fork.add_argument("--lap", type=int, required=True, help="the last lap to share (copied, not recomputed)")
+    fork.add_argument("--output-dir", required=True, help="the new run folder")
+    fork.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE",
+                      help="changed keys: estep.*, mstep.*, precision, laps, eval.*, hub.*")
+    fork.set_defaults(func=_fork)
 
     pub = sub.add_parser("publish", help="publish laps of a run to the Hugging Face Hub (one revision lap-KK per lap)")
     pub.add_argument("run_dir")

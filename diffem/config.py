@@ -27,6 +27,7 @@ __all__ = [
     "load_config",
     "experiments_dir",
     "config_to_dict",
+    "config_from_dict",
 ]
 
 
@@ -43,7 +44,8 @@ class LapZeroConfig:
     observations: int = 16384  #: how many observations the fit uses (the first ones)
     estep: str = "mmps"  #: "exact" (dense, small d), "sample" or "mmps"
     steps: int = 64  #: sampler steps of the "mmps" E-step
-    maxiter: int = 1  #: CG iterations of the "mmps" E-step
+    maxiter: int = 1  #: CG iterations of the "mmps" E-step (the cap when ``tol > 0``)
+    tol: float = 0.0  #: relative CG tolerance of the "mmps" E-step (0: always maxiter; the authors: 1e-3, to tolerance)
 
 
 @dataclass
@@ -54,22 +56,25 @@ class EStepConfig:
     steps: int = 256  #: sampler steps
     corrections: int = 1  #: Langevin corrections per step ("pc")
     delta: float = 0.1  #: Langevin step size ("pc")
-    maxiter: int = 1  #: CG iterations
-    tol: float = 0.0  #: relative CG tolerance (0: always maxiter)
+    maxiter: int = 1  #: CG iterations (the cap when ``tol > 0``)
+    tol: float = 0.0  #: relative CG tolerance (0: always maxiter; the authors' manifold: 1e-3, to tolerance)
     batch_size: int = 256  #: observations per sampler call and per saved chunk (a multiple of block)
     block: int = 1  #: observations sharing one generator; samples depend on this, not on batch size
     discard_outside: float | None = None  #: drop samples with any |x_i| >= this before the M-step (authors: 3, manifold)
     guidance: str = "mmps"  #: posterior method: "mmps", "dps", "pigdm", "tmpd" or "diffpir" (diffem.posterior)
-    covariance: str = "tweedie"  #: MMPS covariance: "tweedie", "prior" ((I + Sigma_t^-1)^-1) or "sigma_t"
+    #: MMPS covariance under a network prior: "tweedie" (sigma^2 J), "prior" ((I + Sigma_t^-1)^-1),
+    #: "sigma_t" or "sigma_x" (the lap-0 Gaussian's Sigma_x, fixed); under the lap-0 Gaussian (lap 1's
+    #: E-step) the Gaussian's exact covariance is used whatever this says (diffem.spec)
+    covariance: str = "tweedie"
+    #: drop (with a warning, counted in the record) samples with any |x_i| > outlier_factor x the
+    #: task's data bound (images: 2, data in [-2, 2]); None: keep them
+    outlier_factor: float | None = 10.0
+    #: stop the lap before its M-step when more than this fraction of the samples are outliers
+    max_outlier_fraction: float = 0.01
     dps_zeta: float = 1.0  #: DPS step size zeta >= 0 ("dps")
     pigdm_weight: float = 1.0  #: PiGDM guidance weight > 0 ("pigdm")
     diffpir_lambda: float = 7.0  #: DiffPIR regularisation lambda > 0 ("diffpir")
 
-    def guidance_kwargs(self) -> dict:
-        """The keyword arguments of :func:`diffem.sampling.sample_posterior` for the posterior method."""
-        options = {"dps": {"zeta": self.dps_zeta}, "pigdm": {"weight": self.pigdm_weight},
-                   "diffpir": {"lmbda": self.diffpir_lambda}}.get(self.guidance, {})
-        return dict(guidance=self.guidance, covariance=self.covariance, guidance_options=options)
 
 
 @dataclass
@@ -139,6 +144,8 @@ class EMConfig:
 
     def validate(self) -> "EMConfig":
         """Check ranges; raise :class:`ConfigError` naming the key."""
+        from .spec import COVARIANCES, GUIDANCES, SAMPLER_METHODS
+
         checks = [
             ("laps", self.laps >= 0, "must be >= 0"),
             ("seed", self.seed >= 0, "must be >= 0"),
@@ -150,14 +157,16 @@ class EMConfig:
             ("lap0.iterations", self.lap0.iterations >= 0, "must be >= 0"),
             ("lap0.observations", self.lap0.observations >= 2, "must be >= 2"),
             ("lap0.estep", self.lap0.estep in ("exact", "sample", "mmps"), "must be exact, sample or mmps"),
-            ("estep.method", self.estep.method in ("ddpm", "ddim", "pc", "edm_euler", "edm_dpmpp", "edm_dpmpp_sde"),
-             "must be ddpm, ddim, pc, edm_euler, edm_dpmpp or edm_dpmpp_sde"),
+            ("estep.method", self.estep.method in SAMPLER_METHODS, f"must be one of {', '.join(SAMPLER_METHODS)}"),
             ("estep.steps", self.estep.steps >= 1, "must be >= 1"),
             ("estep.maxiter", self.estep.maxiter >= 1, "must be >= 1"),
-            ("estep.guidance", self.estep.guidance in ("mmps", "dps", "pigdm", "tmpd", "diffpir"),
-             "must be mmps, dps, pigdm, tmpd or diffpir"),
-            ("estep.covariance", self.estep.covariance in ("tweedie", "prior", "sigma_t"),
-             "must be tweedie, prior or sigma_t"),
+            ("estep.guidance", self.estep.guidance in GUIDANCES, f"must be one of {', '.join(GUIDANCES)}"),
+            ("estep.covariance", self.estep.covariance in COVARIANCES, f"must be one of {', '.join(COVARIANCES)}"),
+            ("estep.tol", self.estep.tol >= 0, "must be >= 0"),
+            ("lap0.tol", self.lap0.tol >= 0, "must be >= 0"),
+            ("estep.outlier_factor", self.estep.outlier_factor is None or self.estep.outlier_factor > 0,
+             "must be > 0 (or null: keep every finite sample)"),
+            ("estep.max_outlier_fraction", 0 <= self.estep.max_outlier_fraction <= 1, "must be in [0, 1]"),
             ("estep.covariance", self.estep.covariance == "tweedie" or self.estep.guidance == "mmps",
              "applies to estep.guidance=mmps only (keep tweedie for other methods)"),
             ("estep.dps_zeta", self.estep.dps_zeta >= 0, "must be >= 0"),
@@ -176,11 +185,11 @@ class EMConfig:
             ("eval.method", self.eval.method in ("ddpm", "ddim", "pc"), "must be ddpm, ddim or pc"),
             ("eval.every", self.eval.every >= 1, "must be >= 1"),
         ]
-        for key, ok, why in checks:
+        for key, ok, why in checks:  # the names come from one registry, diffem.spec
             if not ok:
                 raise ConfigError(f"config key `{key}` {why}")
         if self.hub.repo_id:
-            from .hub import PublishError, check_repo_id
+            from .hub.names import PublishError, check_repo_id  # a leaf: config sits below the Hub
 
             try:
                 check_repo_id(self.hub.repo_id)
@@ -249,6 +258,15 @@ def _from_dict(cls, data: dict, prefix: str = ""):
         else:
             kwargs[name] = _coerce(f"{prefix}{name}", value, hint, None)
     return cls(**kwargs)
+
+
+def config_from_dict(data: dict) -> EMConfig:
+    """A validated :class:`EMConfig` from plain data (a run's ``config.yaml``, :func:`config_to_dict`'s output).
+
+    Raises:
+        ConfigError: for an unknown key, a bad type or value (the message names the key).
+    """
+    return _from_dict(EMConfig, data).validate()
 
 
 def _set_dotted(tree: dict, key: str, value: Any) -> None:

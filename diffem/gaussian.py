@@ -40,7 +40,7 @@ from torch import Tensor
 from .denoiser import sigma_vector
 from .operators import LinearOperator, _check_noise_std, check_finite
 
-__all__ = ["GaussianPrior", "operator_matrix", "fit_gaussian_em"]
+__all__ = ["GaussianPrior", "operator_matrix"]
 
 
 def operator_matrix(operator: LinearOperator, in_shape: Sequence[int], dtype=torch.float64) -> Tensor:
@@ -201,6 +201,34 @@ class GaussianPrior(ModelMixin, ConfigMixin):
         coef = (r @ w) / (a[:, None] + lam)
         return (r - coef @ w.mT) / a[:, None]
 
+    def conditional_covariance(self, u: Tensor, sigma) -> Tensor:
+        r"""The exact :math:`\mathbb{V}[x \mid x_t]\, u` of this Gaussian for :math:`x_t = x + \sigma z`.
+
+        .. math:: \mathbb{V}[x \mid x_t] = (\Sigma^{-1} + \sigma^{-2} I)^{-1}
+           = \sigma^2 I - \sigma^4 (\Sigma + \sigma^2 I)^{-1},
+
+        applied by Woodbury in :math:`O(d r)` per sample (it equals :math:`\sigma^2 J`, ``J`` the
+        Jacobian of :meth:`forward`). MMPS's ``covariance="prior"`` / ``"sigma_x"`` heuristics use
+        it with a fixed :math:`\Sigma` (Rozet et al. 2024, arXiv:2405.13712, Section 5.2; the
+        authors' ``PosteriorDenoiser`` with ``cov_x``).
+
+        Arguments:
+            u: ``(B, *event_shape)`` (or ``(B, d)``), any float dtype.
+            sigma: Noise levels in data units, a float or a tensor of shape ``()`` or ``(B,)``, > 0.
+
+        Returns:
+            ``(B, ...)`` like ``u``, in ``u``'s dtype (computed in the prior's dtype).
+
+        Raises:
+            ValueError: if ``u`` does not hold ``d`` features per sample, or ``sigma`` is not positive.
+        """
+        if math.prod(u.shape[1:]) != self.features:
+            raise ValueError(f"`u` must hold {self.features} features per sample, got shape {tuple(u.shape)}")
+        s2 = sigma_vector(sigma, u).square().to(self.mean.dtype)
+        flat = u.flatten(1).to(self.mean.dtype)
+        out = s2[:, None] * flat - s2[:, None] ** 2 * self._solve(flat, s2)
+        return out.reshape(u.shape).to(u.dtype)
+
     # -- exact posterior and evidence --------------------------------------------------------------
     def _observation_terms(self, y: Tensor, operator: LinearOperator, noise_std: float):
         noise_std = _check_noise_std(noise_std)
@@ -254,12 +282,3 @@ class GaussianPrior(ModelMixin, ConfigMixin):
         logdet = 2 * L.diagonal(dim1=-2, dim2=-1).log().sum(-1)
         out = -0.5 * (z.square().sum(-1) + logdet + A.shape[1] * math.log(2 * math.pi))
         return out[0] if y.dim() == len(operator.output_shape(self.event_shape)) else out
-
-
-def __getattr__(name):
-    # The lap-0 EM driver lives beside the EM code (diffem.em.lap0); re-exported here.
-    if name == "fit_gaussian_em":
-        from .em.lap0 import fit_gaussian_em
-
-        return fit_gaussian_em
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

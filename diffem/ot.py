@@ -52,22 +52,32 @@ def entropic_ot(u, v, reg: float = 1e-3, maxiter: int = 1024, tol: float = 1e-3)
 
 
 def manifold_divergence(
-    samples, truth_a, truth_b, reg: float = 1e-3, floor: float = 1e-6, baseline: float | None = None, **kwargs
-) -> float:
+    samples, truth_a, truth_b, reg: float = 1e-3, floor: float = 1e-6, baseline: float | None = None,
+    return_dropped: bool = False, **kwargs
+):
     r"""The paper's manifold metric :math:`\max(W_\lambda(u_1, v) - W_\lambda(u_1, u_2), \text{floor})`.
 
     Arguments:
-        samples: Prior samples ``v``, ``(N, d)``; non-finite or far-out samples (outside
-            ``[-3, 3]``, as the authors filter them) are dropped first.
+        samples: Prior (or posterior) samples ``v``, ``(N, d)``; non-finite or far-out samples
+            (any coordinate outside ``(-3, 3)``, as the authors filter them) are dropped first.
         truth_a, truth_b: Two independent ground-truth sets ``u_1``, ``u_2``, ``(M, d)``.
         baseline: :math:`W_\lambda(u_1, u_2)` if already computed (it does not depend on ``samples``).
+        return_dropped: Also return how many samples were dropped.
         kwargs: ``maxiter`` and ``tol`` of :func:`entropic_ot`.
+
+    Returns:
+        The divergence (a float ``>= floor``), or ``(divergence, dropped)`` with ``return_dropped``.
+
+    Raises:
+        ValueError: if no sample is finite and inside ``(-3, 3)``.
     """
     v = samples.detach().cpu().double() if torch.is_tensor(samples) else torch.as_tensor(samples, dtype=torch.float64)
     keep = torch.isfinite(v).all(dim=1) & (v.abs() < 3).all(dim=1)
     if keep.sum() == 0:
         raise ValueError("`samples` has no finite sample inside [-3, 3]")
+    dropped = int((~keep).sum())
     v = v[keep]
     if baseline is None:
         baseline = entropic_ot(truth_a, truth_b, reg, **kwargs)
-    return max(entropic_ot(truth_a, v, reg, **kwargs) - baseline, floor)
+    value = max(entropic_ot(truth_a, v, reg, **kwargs) - baseline, floor)
+    return (value, dropped) if return_dropped else value

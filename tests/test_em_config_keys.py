@@ -16,7 +16,7 @@ import torch
 
 from diffem.config import ConfigError, config_to_dict, load_config
 from diffem.em import EMTrainer
-from diffem.em.estep import keep_samples, run_estep
+from diffem.em.estep import keep_samples, run_estep, screen_samples
 from diffem.em.evaluation import evaluate_lap, is_scheduled
 from diffem.em.lap0 import run_lap0
 from diffem.em.mstep import mstep_steps, run_mstep
@@ -66,8 +66,28 @@ def probe_estep(config):
     prior = _lap0(load_config("manifold", "smoke", overrides=BASE) if config.seed == 0 else config)
     folder = config.run_dir / "estep"
     x = run_estep(_accelerator(), config, 1, _obs(config)[:32], folder, lambda: _Pipe(prior))
-    kept, discarded = keep_samples(x, config.estep.discard_outside)
+    kept, discarded, _ = keep_samples(x, config.estep.discard_outside)
     return x, discarded, sorted(p.name for p in folder.iterdir())
+
+
+def probe_estep_network(config):
+    """Lap 2's E-step, under a (freshly initialised) network prior; lap 0's Gaussian is Sigma_x."""
+    gauss = _lap0(load_config("manifold", "smoke", overrides=BASE))
+    net = get_task(config).backbone(0)
+    folder = config.run_dir / "estep2"
+    return run_estep(_accelerator(), config, 2, _obs(config)[:16], folder, lambda: _Pipe(net),
+                     load_lap0=lambda: _Pipe(gauss))
+
+
+def probe_screen(config):
+    """The samples the M-step would train on, from E-step samples with 2 of 64 far outside [-2, 2]."""
+    x = torch.randn(64, 5, generator=torch.Generator().manual_seed(0))
+    x[:2] *= 100
+    try:
+        kept, discarded, outliers = screen_samples(x, config, 2.0, lap=1)
+    except RuntimeError as e:
+        return ("stopped", str(e).split(";")[0])
+    return kept, discarded, outliers
 
 
 def probe_mstep(config):
@@ -141,6 +161,7 @@ CHANGES = {
     "lap0.estep": ("sample", probe_lap0, []),
     "lap0.steps": (3, probe_lap0, ["lap0.estep=mmps"]),
     "lap0.maxiter": (2, probe_lap0, ["lap0.estep=mmps"]),
+    "lap0.tol": (0.9, probe_lap0, ["lap0.estep=mmps", "lap0.maxiter=3"]),
     "estep.method": ("ddim", probe_estep, []),
     "estep.steps": (3, probe_estep, []),
     "estep.corrections": (2, probe_estep, ["estep.method=pc"]),
@@ -151,7 +172,9 @@ CHANGES = {
     "estep.block": (8, probe_estep, []),
     "estep.discard_outside": (0.5, probe_estep, []),
     "estep.guidance": ("dps", probe_estep, []),
-    "estep.covariance": ("sigma_t", probe_estep, []),
+    "estep.covariance": ("sigma_x", probe_estep_network, []),  # lap 1 (the Gaussian) is exact whatever it says
+    "estep.outlier_factor": (100.0, probe_screen, ["estep.discard_outside=null"]),
+    "estep.max_outlier_fraction": (0.001, probe_screen, ["estep.discard_outside=null"]),
     "estep.dps_zeta": (0.5, probe_estep, ["estep.guidance=dps"]),
     "estep.pigdm_weight": (0.5, probe_estep, ["estep.guidance=pigdm"]),
     "estep.diffpir_lambda": (3.0, probe_estep, ["estep.guidance=diffpir"]),

@@ -16,6 +16,7 @@ from diffem.em import EMTrainer, NonFiniteLossError, lap_dir
 from diffem.em.estep import scheduler_of
 from diffem.em.mstep import learning_rate
 from diffem.pipeline import DiffusionPriorPipeline, estep_scheduler, load_sampling_settings
+from diffem.spec import SamplerSpec
 from diffem.tasks.manifold import ManifoldTask
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -121,9 +122,8 @@ def test_saved_lap_carries_the_estep_sampler(tmp_path):
                      "estep.delta=0.05", "estep.steps=6", "estep.maxiter=3")
     EMTrainer(config, progress=False).run()
     settings = load_sampling_settings(lap_dir(tmp_path, 1))
-    assert settings["estep"] == {"method": "pc", "num_inference_steps": 6, "corrections": 2, "delta": 0.05,
-                                 "maxiter": 3, "tol": 0.0, "guidance": "mmps", "covariance": "tweedie",
-                                 "guidance_options": {}}
+    assert SamplerSpec.from_dict(settings["estep"]) == SamplerSpec(method="pc", steps=6, corrections=2, delta=0.05,
+                                                                   maxiter=3)
     assert settings["eval"] == {"method": "ddim", "num_inference_steps": 4}
     scheduler = estep_scheduler(settings["estep"])
     assert dict(scheduler.config) == dict(scheduler_of(config).config)
@@ -210,3 +210,18 @@ def test_batch_size_not_splitting_over_the_processes_fails_before_any_work(tmp_p
     with pytest.raises(ValueError, match=r"`mstep\.batch_size` \(64\) must be a multiple of the number of processes \(3\)"):
         EMTrainer(_config(run), accelerator=fake, progress=False).run()
     assert not run.exists()  # nothing built, nothing trained
+
+
+def test_too_many_outlier_samples_stop_the_lap_before_its_mstep(tmp_path):
+    """E-step samples far outside the data's range are never trained on silently: past
+    estep.max_outlier_fraction the lap stops, naming the lap and the count; lap 0 and the E-step's
+    chunks are kept."""
+    from diffem.em.estep import OutlierError
+
+    config = _config(tmp_path, "laps=1", "eval.samples=0", "estep.outlier_factor=0.05", "estep.discard_outside=null")
+    with pytest.raises(OutlierError, match=r"lap 1: \d+ of 256 E-step samples") as err:
+        EMTrainer(config, progress=False).run()
+    assert err.value.lap == 1 and err.value.outliers > 0.01 * 256
+    assert (lap_dir(tmp_path, 0) / "model_index.json").exists() and not lap_dir(tmp_path, 1).exists()
+    assert sorted(p.name for p in (tmp_path / "work" / "lap_01" / "estep").iterdir())  # the chunks stay
+    assert "diffem fork" in str(err.value)

@@ -190,3 +190,34 @@ def test_missing_arguments_raise():
         _run(pipe, 4, _gen(0), operator=A, noise_std=0.1)  # an operator without an observation
     with pytest.raises(ValueError, match="`operator`"):
         _run(pipe, 4, _gen(0), observation=y, operator=A[:2], noise_std=0.1)  # wrong batch
+
+
+def test_a_pipeline_loaded_from_a_saved_lap_replays_its_estep_exactly(tmp_path):
+    """The spec saved with a lap (sampling.json) is the E-step's: the pipeline, given it, draws the
+    E-step's very samples (here under a network prior with the lap-0 Gaussian's Sigma_x, PC steps)."""
+    from diffem.config import load_config
+    from diffem.em import EMTrainer, lap_dir
+    from diffem.em.estep import run_estep
+    from diffem.em.seeds import ESTEP
+    from diffem.pipeline import load_estep_spec
+    from diffem.random import make_generators
+
+    config = load_config("manifold", "smoke", overrides=[
+        f"output_dir={tmp_path}", "laps=1", "eval.samples=0", "data.points=64", "lap0.observations=64",
+        "mstep.steps=10", "estep.block=1", "estep.batch_size=32", "estep.method=pc", "estep.steps=4",
+        "estep.covariance=sigma_x"])
+    trainer = EMTrainer(config, progress=False)
+    trainer.run()
+    obs = trainer.observations()[:8]
+    expected = run_estep(trainer.accelerator, config, 2, obs, tmp_path / "replay", lambda: trainer.load_lap(1),
+                         load_lap0=lambda: trainer.load_lap(0))
+    pipe = DiffusionPriorPipeline.from_pretrained(lap_dir(tmp_path, 1))
+    spec = load_estep_spec(lap_dir(tmp_path, 1))
+    assert (spec.method, spec.steps, spec.covariance) == ("pc", 4, "sigma_x")
+    out = pipe(observation=obs.y, operator=obs.operator, noise_std=obs.noise_std, spec=spec,
+               sigma_x=DiffusionPriorPipeline.from_pretrained(lap_dir(tmp_path, 0)).unet,
+               generator=make_generators(config.seed, ESTEP, 2, indices=range(8)), progress=False).samples
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="sigma_x"):
+        pipe(observation=obs.y, operator=obs.operator, noise_std=obs.noise_std, spec=spec,
+             generator=make_generators(0, indices=range(8)), progress=False)

@@ -23,7 +23,7 @@ import torch
 from diffem.gaussian import operator_matrix
 from diffem.operators import GaussianObservation
 from diffem.posterior import MMPSDenoiser
-from diffem.posterior.mmps import _PriorCovariance
+from diffem.gaussian import GaussianPrior
 
 from posterior_cases import CASES, gen, low_rank_prior
 
@@ -115,13 +115,24 @@ def test_prior_covariance_woodbury_matches_dense():
     prior = low_rank_prior(d, (d,), g, rank=3, diag=0.2)
     u = torch.randn(B, d, generator=g, dtype=torch.float64)
     s2 = torch.tensor([1e-4, 0.5, 1e3], dtype=torch.float64)
-    out = _PriorCovariance(prior, (d,))(u, s2)
+    out = prior.conditional_covariance(u, s2.sqrt())
     C = prior.covariance()
     for i in range(B):
         V = torch.linalg.inv(torch.linalg.inv(C) + torch.eye(d, dtype=torch.float64) / s2[i])
         torch.testing.assert_close(out[i], V @ u[i], rtol=1e-9, atol=1e-12)
-    identity = _PriorCovariance(None, None)(u, s2)
-    torch.testing.assert_close(identity, u * (s2 / (1 + s2))[:, None])
+    standard = GaussianPrior((d,), rank=0).double()  # N(0, I): (I + Sigma_t^-1)^-1
+    torch.testing.assert_close(standard.conditional_covariance(u, s2.sqrt()), u * (s2 / (1 + s2))[:, None])
+
+
+def test_sigma_x_is_prior_with_a_gaussian_and_needs_one():
+    prior, A, y, x_t, s, m = _setup("projection", 1.0, seed=7)
+    sigma_x = MMPSDenoiser(prior, y, A, 0.1, maxiter=m, covariance="sigma_x", prior=prior)(x_t, s)
+    given = MMPSDenoiser(prior, y, A, 0.1, maxiter=m, covariance="prior", prior=prior)(x_t, s)
+    identity = MMPSDenoiser(prior, y, A, 0.1, maxiter=m, covariance="prior")(x_t, s)
+    torch.testing.assert_close(sigma_x, given, rtol=0, atol=0)
+    assert (sigma_x - identity).abs().max() > 1e-3  # Sigma_x = I is another system
+    with pytest.raises(ValueError, match="needs `prior`"):
+        MMPSDenoiser(prior, y, A, 0.1, covariance="sigma_x")
 
 
 def test_covariance_validation():
@@ -136,3 +147,29 @@ def test_covariance_validation():
     other = low_rank_prior(6, (6,), g)
     with pytest.raises(ValueError, match="`prior` has 6 features"):
         MMPSDenoiser(prior, y, A, 0.1, covariance="prior", prior=other)
+
+
+def test_identity_heuristic_diverges_under_a_gaussian_with_a_large_leading_variance():
+    r"""The mechanism behind the ablation's diverged lap (issue 24): under an exact Gaussian
+    denoiser whose leading variance is 784 (as CIFAR-10's lap-0 Gaussian), :math:`(I + \Sigma_t^{-1})^{-1}`
+    under-estimates :math:`\mathbb{V}[x \mid x_t]` along that direction by up to 784x for
+    sigma ~ 10-90, the MMPS correction overshoots and DDPM amplifies it step after step; Tweedie
+    (exact here) stays in the data's range. A per-call test cannot see this: it is the trajectory."""
+    from diffem.operators import Mask
+    from diffem.sampling import sample_posterior
+
+    g = gen(0)
+    shape, d, B = (3, 8, 8), 192, 8
+    u = torch.randn(d, 1, generator=g)
+    prior = GaussianPrior.from_parameters(torch.zeros(d), u / u.norm() * math.sqrt(784 - 0.04), 0.04, event_shape=shape)
+    x = prior.sample(B, generator=g)
+    A = Mask(torch.rand(B, 1, 8, 8, generator=g) > 0.75, channels=3)  # 75 % deleted
+    y = GaussianObservation(A, 1e-3).sample(x, generator=g)
+    top = {}
+    for cov in ("tweedie", "prior"):
+        s = sample_posterior(prior, y, A, 1e-3, shape, steps=16, maxiter=1, method="ddpm", covariance=cov,
+                             generator=[gen(i) for i in range(B)])
+        top[cov] = s.abs().max().item()
+    data = x.abs().max().item()
+    assert top["tweedie"] < 2 * data
+    assert top["prior"] > 1e4 * data

@@ -1,5 +1,9 @@
 """The E-step's posterior method comes from the config: ``estep.guidance``, ``estep.covariance`` and
-the methods' hyperparameters reach :func:`diffem.sampling.sample_posterior` and change its samples."""
+the methods' hyperparameters reach :func:`diffem.sampling.sample_posterior` and change its samples.
+
+The prior is a network-like denoiser (a shrunk Gaussian one that is no ``GaussianPrior``): under a
+``GaussianPrior`` the E-step uses its exact covariance whatever ``estep.covariance`` says
+(``tests/test_spec.py``)."""
 
 import pytest
 import torch
@@ -7,9 +11,9 @@ import torch
 from diffem.config import ConfigError, load_config
 from diffem.em.estep import sample_chunk
 from diffem.gaussian import GaussianPrior
+from diffem.observations import ObservationSet
 from diffem.operators import GaussianObservation, Projection
 from diffem.random import make_generators
-from diffem.tasks import ObservationSet
 
 
 def _chunk(overrides):
@@ -23,7 +27,18 @@ def _chunk(overrides):
     y = GaussianObservation(A, 0.05).sample(prior.sample(n, generator=g), generator=g)
     obs = ObservationSet(y, A, 0.05, (5,))
     gens = make_generators(0, 1, indices=range(n))
-    return sample_chunk(prior, obs, gens, n, config, "cpu")
+    return sample_chunk(_NetworkLike(prior), obs, gens, n, config, "cpu")
+
+
+class _NetworkLike(torch.nn.Module):
+    """A denoiser that is not a GaussianPrior (so the covariance heuristics act), differentiable in x_t."""
+
+    def __init__(self, prior):
+        super().__init__()
+        self.prior = prior
+
+    def forward(self, x_t, sigma):
+        return 0.9 * self.prior(x_t, sigma) + 0.1 * torch.tanh(x_t)
 
 
 def test_estep_guidance_and_covariance_change_the_samples():

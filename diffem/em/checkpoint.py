@@ -3,7 +3,7 @@
 Everything here writes atomically (a temporary name, then ``os.replace``), so a process
 killed at any point leaves either the old or the new file, never half of one.
 
-Run layout (``config.run_dir``)::
+Run layout (``config.run_dir``; the names, paths and readers are :mod:`diffem.runs`')::
 
     config.yaml           the resolved configuration
     observations/         the observation set (y and operator parameters; no x)
@@ -14,6 +14,8 @@ Run layout (``config.run_dir``)::
     eval/lap_KK.pt        small evaluation artifacts (samples for figures)
     work/lap_KK/estep/    E-step chunks (removed once the lap is saved)
     work/lap_KK/mstep/    the last M-step checkpoint (removed once the lap is saved)
+
+:func:`lap_dir` and :func:`is_complete` are :mod:`diffem.runs`' own, re-exported here.
 """
 
 from __future__ import annotations
@@ -22,12 +24,14 @@ import json
 import os
 import shutil
 from pathlib import Path
+from typing import Iterable
 
 import torch
 import yaml
 
 from ..config import ConfigError, EMConfig, config_to_dict
-from ..pipeline import SAMPLING_FILE, DiffusionPriorPipeline
+from ..pipeline import DiffusionPriorPipeline
+from ..runs import SAMPLING_FILE, is_complete, lap_dir, read_records
 from ..scheduler import VEScheduler
 
 __all__ = [
@@ -47,16 +51,6 @@ __all__ = [
 RESUMABLE_KEYS = ("laps", "eval", "hub")
 
 
-def lap_dir(run_dir: Path, lap: int) -> Path:
-    """The pipeline folder of a lap: ``run_dir/lap_KK``."""
-    return Path(run_dir) / f"lap_{lap:02d}"
-
-
-def is_complete(folder: Path) -> bool:
-    """Whether a lap folder was saved completely (it is renamed into place last)."""
-    return (Path(folder) / "model_index.json").exists()
-
-
 def atomic_torch_save(obj, path: Path) -> None:
     """``torch.save`` to ``path`` through a temporary file."""
     path = Path(path)
@@ -73,21 +67,25 @@ def atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def check_resume_config(path: Path, config: EMConfig) -> None:
+def check_resume_config(path: Path, config: EMConfig, eval_data_keys: Iterable[str] = ()) -> None:
     """Raise :class:`ConfigError` unless ``config`` may resume the run whose config is at ``path``.
 
     A resumed run may change ``laps``, the ``eval.*`` and ``hub.*`` keys and the task's
-    evaluation-only ``data.*`` keys (:attr:`diffem.tasks.Task.eval_data_keys`), and nothing
-    else: every other key changes what the saved laps mean.
+    evaluation-only ``data.*`` keys, and nothing else: every other key changes what the saved
+    laps mean.
+
+    Arguments:
+        path: The run's ``config.yaml`` (nothing to check when it does not exist yet).
+        config: The configuration that would resume the run.
+        eval_data_keys: The task's evaluation-only ``data.*`` keys
+            (:attr:`diffem.tasks.Task.eval_data_keys`), given by the caller that built the task.
     """
     path = Path(path)
     if not path.exists():
         return
-    from ..tasks import task_class
-
     old = yaml.safe_load(path.read_text()) or {}
     new = config_to_dict(config)
-    allowed = {f"data.{k}" for k in task_class(config.experiment).eval_data_keys}
+    allowed = {f"data.{k}" for k in eval_data_keys}
     changed = [k for k in _changed_keys(old, new) if k.split(".")[0] not in RESUMABLE_KEYS and k not in allowed]
     if changed:
         raise ConfigError(
@@ -116,19 +114,14 @@ def _changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
 
 
 def sampling_settings(config: EMConfig) -> dict:
-    """The sampler settings a lap is saved with: the E-step's (MMPS posterior) and the evaluation's."""
-    e, v = config.estep, config.eval
-    return {
-        "estep": {"method": e.method, "num_inference_steps": e.steps, "corrections": e.corrections,
-                  "delta": e.delta, "maxiter": e.maxiter, "tol": e.tol, **_guidance(e)},
-        "eval": {"method": v.method, "num_inference_steps": v.steps},
-    }
+    """The sampler settings a lap is saved with (``sampling.json``): the E-step's
+    :class:`~diffem.spec.SamplerSpec` (:meth:`~diffem.spec.SamplerSpec.to_dict`) and the
+    evaluation's unconditional sampler."""
+    from ..spec import SamplerSpec
 
-
-def _guidance(estep) -> dict:
-    """The posterior method of the E-step (``estep.guidance_kwargs()``, when the config has it)."""
-    kwargs = estep.guidance_kwargs() if hasattr(estep, "guidance_kwargs") else {}
-    return {k: kwargs[k] for k in ("guidance", "covariance", "guidance_options") if k in kwargs}
+    v = config.eval
+    return {"estep": SamplerSpec.from_estep(config.estep).to_dict(),
+            "eval": {"method": v.method, "num_inference_steps": v.steps}}
 
 
 def save_lap(run_dir: Path, lap: int, unet, config: EMConfig) -> Path:
@@ -160,14 +153,8 @@ class LapRecords:
         self.path = Path(path)
 
     def read(self) -> dict[int, dict]:
-        """``{lap: record}``."""
-        records: dict[int, dict] = {}
-        if self.path.exists():
-            for line in self.path.read_text().splitlines():
-                if line.strip():
-                    r = json.loads(line)
-                    records[int(r["lap"])] = r
-        return records
+        """``{lap: record}`` (:func:`diffem.runs.read_records`)."""
+        return read_records(self.path)
 
     def get(self, lap: int) -> dict | None:
         return self.read().get(lap)

@@ -24,10 +24,10 @@ from pathlib import Path
 
 
 from ..config import EMConfig
+from ..distributed import PeerFailure, all_ok, sharded_over
 from ..pipeline import DiffusionPriorPipeline
 from ..random import derive_seed
 from ..scheduler import VEScheduler
-from ..tasks import PeerFailure, all_ok, sharded_over
 from .checkpoint import atomic_torch_save
 from .seeds import EVAL
 

@@ -20,10 +20,10 @@ from tqdm.auto import tqdm
 
 from ..config import EMConfig
 from ..gaussian import GaussianPrior
+from ..observations import ObservationSet
 from ..operators import LinearOperator, check_batch
 from ..random import derive_seed
-from ..sampling import sample_posterior
-from ..tasks import ObservationSet
+from ..spec import SamplerSpec
 from .seeds import LAP0
 
 __all__ = ["fit_gaussian_em", "run_lap0"]
@@ -41,6 +41,7 @@ def fit_gaussian_em(
     sampler_steps: int = 64,
     maxiter: int = 1,
     batch_size: int = 1024,
+    sampler: SamplerSpec | None = None,
     prior: GaussianPrior | None = None,
     progress: bool = True,
     callback=None,
@@ -56,8 +57,9 @@ def fit_gaussian_em(
     - ``estep="sample"``: one exact posterior sample per observation (dense; small ``d``),
       then PPCA of the samples (stochastic EM).
     - ``estep="mmps"``: one posterior sample per observation by MMPS with the prior's exact
-      denoiser and a DDPM sampler of ``sampler_steps`` steps and ``maxiter`` CG
-      iterations (any ``d``: images), then PPCA of the samples.
+      denoiser and the sampler ``sampler`` (default: DDPM of ``sampler_steps`` steps and
+      ``maxiter`` CG iterations; any ``d``: images), then PPCA of the samples. The
+      authors' ``fit_moments`` runs CG to a tolerance (``SamplerSpec(tol=1e-3)``, ``maxiter`` a cap).
 
     Arguments:
         y: Observations ``(N, *out_shape)``.
@@ -67,6 +69,8 @@ def fit_gaussian_em(
         iterations: Number of EM iterations (>= 0).
         event_shape: Shape of one signal ``x``.
         generator: Required for the sampling E-steps.
+        sampler: The :class:`~diffem.spec.SamplerSpec` of the ``"mmps"`` E-step (its MMPS
+            covariance is the prior's exact one whatever it says).
         callback: Called as ``callback(iteration, prior)`` after each iteration.
 
     Returns:
@@ -90,6 +94,8 @@ def fit_gaussian_em(
         prior = GaussianPrior.from_parameters(prior.mean.to(dtype), prior.factor.to(dtype), prior.diag.to(dtype), event_shape)
     prior = prior.to(y.device)
     n = y.shape[0]
+    if sampler is None:
+        sampler = SamplerSpec(method="ddpm", steps=sampler_steps, maxiter=maxiter)
 
     for it in tqdm(range(iterations), desc="lap 0 (Gaussian EM)", disable=not progress):
         if estep == "exact":
@@ -112,10 +118,7 @@ def fit_gaussian_em(
                 samples.append(m + (L @ z[..., None])[..., 0])
             prior = GaussianPrior.fit(torch.cat(samples).reshape(n, *event_shape), rank)
         else:
-            x = sample_posterior(
-                prior, y, operator, noise_std, event_shape=event_shape, steps=sampler_steps,
-                maxiter=maxiter, generator=generator, batch_size=batch_size, progress=False,
-            )
+            x = sampler.sample(prior, y, operator, event_shape, generator, noise_std=noise_std, batch_size=batch_size)
             prior = GaussianPrior.fit(x.to(dtype), rank)
         if callback is not None:
             callback(it, prior)
@@ -141,8 +144,8 @@ def run_lap0(accelerator, config: EMConfig, obs: ObservationSet, progress: bool 
     with torch.autocast(device.type, enabled=False):
         prior = fit_gaussian_em(
             sub.y.to(device), sub.operator.to(device), obs.noise_std, rank, cfg.iterations, obs.event_shape,
-            estep=cfg.estep, generator=generator, sampler_steps=cfg.steps, maxiter=cfg.maxiter,
-            batch_size=config.estep.batch_size, progress=progress,
+            estep=cfg.estep, generator=generator, batch_size=config.estep.batch_size, progress=progress,
+            sampler=SamplerSpec(method="ddpm", steps=cfg.steps, maxiter=cfg.maxiter, tol=cfg.tol),
         )
     prior = GaussianPrior.from_parameters(prior.mean.float(), prior.factor.float(), prior.diag.float(), prior.event_shape)
     return prior, {"observations": n}

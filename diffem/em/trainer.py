@@ -32,17 +32,19 @@ from accelerate.logging import get_logger
 from accelerate.utils import InitProcessGroupKwargs, set_seed
 
 from ..config import ConfigError, EMConfig, config_to_dict
+from ..observations import ObservationSet
 from ..pipeline import DiffusionPriorPipeline
 from ..random import derive_seed
-from ..tasks import ObservationSet, Task, get_task
+from ..tasks import Task, get_task  # the one import upwards left: the EM loop should take its task from its caller
 from .checkpoint import LapRecords, check_resume_config, is_complete, lap_dir, save_lap
-from .estep import keep_samples, run_estep
+from .estep import OutlierError, estep_covariance, run_estep, screen_samples
 from .evaluation import evaluate_lap, is_scheduled, needs_evaluation
 from .lap0 import run_lap0
 from .mstep import check_batch_split, mstep_steps, run_mstep
 from .seeds import INIT
 
-__all__ = ["EMTrainer", "run_em", "make_accelerator", "accelerator_kwargs", "describe_hardware", "PRECISIONS"]
+__all__ = ["EMTrainer", "run_em", "make_accelerator", "accelerator_kwargs", "describe_hardware", "PRECISIONS",
+           "OutlierError"]
 
 logger = get_logger(__name__)
 
@@ -139,7 +141,7 @@ class EMTrainer:
         if acc.is_main_process:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             path = self.run_dir / "config.yaml"
-            check_resume_config(path, self.config)
+            check_resume_config(path, self.config, self.task.eval_data_keys)
             path.write_text(yaml.safe_dump(config_to_dict(self.config), sort_keys=False))
         acc.wait_for_everyone()
 
@@ -204,7 +206,8 @@ class EMTrainer:
     def estep(self, lap: int, obs: ObservationSet) -> torch.Tensor:
         """All posterior samples of lap ``lap`` (see :func:`diffem.em.estep.run_estep`)."""
         folder = self.work_dir / f"lap_{lap:02d}" / "estep"
-        return run_estep(self.accelerator, self.config, lap, obs, folder, lambda: self.load_lap(lap - 1), self.progress)
+        return run_estep(self.accelerator, self.config, lap, obs, folder, lambda: self.load_lap(lap - 1), self.progress,
+                         load_lap0=lambda: self.load_lap(0))
 
     def mstep(self, lap: int, samples: torch.Tensor) -> tuple[torch.nn.Module, dict]:
         """Train on the posterior samples (see :func:`diffem.em.mstep.run_mstep`)."""
@@ -225,13 +228,15 @@ class EMTrainer:
         start = time.perf_counter()
         samples = self.estep(lap, obs)
         estep_time = time.perf_counter() - start
-        samples, discarded = keep_samples(samples, self.config.estep.discard_outside)
+        samples, discarded, outliers = screen_samples(samples, self.config, self.task.data_bound, lap,
+                                                      lap_dir(self.run_dir, lap - 1))
         if len(samples) == 0:
             raise RuntimeError(
                 f"lap {lap}: all {discarded} E-step samples were discarded (non-finite, or a coordinate outside "
                 f"+-{self.config.estep.discard_outside}); the prior of lap {lap - 1} ({lap_dir(self.run_dir, lap - 1)}) "
                 "is likely broken"
             )
+        estep_metrics = self.task.estep_metrics(samples, lap) if is_scheduled(self.config, lap) else {}
         start = time.perf_counter()
         model, stats = self.mstep(lap, samples)
         record = {
@@ -241,10 +246,12 @@ class EMTrainer:
             "estep_samples_per_s": len(obs) / max(estep_time, 1e-9),
             "observations": len(obs),
             "discarded_samples": discarded,
+            "outlier_samples": outliers,
+            "estep_covariance": estep_covariance(self.config, lap),
             # A fingerprint of the E-step (e.g. to compare runs on different process counts).
             "estep_sample_moments": [float(v) for v in (samples.double().mean(), samples.double().std(),
                                                         samples.min(), samples.max())] if len(samples) else None,
-        } | stats
+        } | estep_metrics | stats
         return self._finish_lap(lap, model, record)
 
     # -- after a lap -------------------------------------------------------------------------------

@@ -25,11 +25,15 @@ Covariance :math:`V` (``covariance``), the paper's ablation (Section 5.2):
   (:func:`~diffem.linalg.conjugate_gradient` with ``companion=True``): one forward and
   ``maxiter`` VJPs per call. Exact for a Gaussian prior once CG has converged.
 - ``"prior"``: :math:`V = (\Sigma_x^{-1} + \Sigma_t^{-1})^{-1}`, :math:`\Sigma_t = \sigma^2 I`,
-  with :math:`\Sigma_x = I` (the paper's :math:`(I + \Sigma_t^{-1})^{-1}`, which is also
-  the covariance of Song et al.'s :math:`\Pi`GDM) or :math:`\Sigma_x = D I + U U^T` of a
-  given :class:`~diffem.gaussian.GaussianPrior`, applied by Woodbury:
-  :math:`V = \sigma^2 I - \sigma^4 (\Sigma_x + \sigma^2 I)^{-1}`. Exact when the prior is
+  with :math:`\Sigma_x = I` (the paper's :math:`(I + \Sigma_t^{-1})^{-1}`, the authors'
+  ``heuristic: ones``, which is also the covariance of Song et al.'s :math:`\Pi`GDM) or, given a
+  :class:`~diffem.gaussian.GaussianPrior`, its :math:`\Sigma_x = D I + U U^T`
+  (:meth:`~diffem.gaussian.GaussianPrior.conditional_covariance`, by Woodbury:
+  :math:`V = \sigma^2 I - \sigma^4 (\Sigma_x + \sigma^2 I)^{-1}`). Exact when the prior is
   Gaussian with covariance :math:`\Sigma_x`. One forward and one VJP per call.
+- ``"sigma_x"``: ``"prior"`` with a required GaussianPrior, the authors' ``heuristic: cov_x``
+  (the manifold experiment: the lap-0 Gaussian's :math:`\Sigma_x`, fixed for every lap). Its
+  system :math:`\Sigma_y + A V A^T` is symmetric positive definite, so CG solves it exactly.
 - ``"sigma_t"``: :math:`V = \Sigma_t = \sigma^2 I`. Exact in the limit
   :math:`\sigma^2 \ll` the prior's variances (:math:`J \to I`). One forward and one VJP.
 
@@ -55,43 +59,8 @@ from ._common import check_maxiter, check_observation, check_tol, denoise_with_v
 
 __all__ = ["MMPSDenoiser", "COVARIANCES"]
 
-COVARIANCES = ("tweedie", "prior", "sigma_t")
-
-
-class _PriorCovariance:
-    r"""Apply :math:`(\Sigma_x^{-1} + \sigma^{-2} I)^{-1} = \sigma^2 I - \sigma^4 (\Sigma_x + \sigma^2 I)^{-1}`.
-
-    :math:`\Sigma_x = D I + U U^T`: with :math:`U^T U = Q \Lambda Q^T` and :math:`W = U Q`
-    (orthogonal columns, squared norms :math:`\Lambda`), Woodbury gives
-    :math:`(a I + U U^T)^{-1} u = (u - W \mathrm{diag}(1 / (a + \Lambda)) W^T u) / a`,
-    :math:`a = D + \sigma^2`, in :math:`O(d r)` per sample. ``prior=None`` is :math:`\Sigma_x = I`.
-    """
-
-    def __init__(self, prior, event_shape: tuple | None):
-        if prior is None:
-            self.w = None
-            return
-        from ..gaussian import GaussianPrior
-
-        if not isinstance(prior, GaussianPrior):
-            raise TypeError(f"`prior` must be a GaussianPrior (or None for Sigma_x = I), got {type(prior).__name__}")
-        if event_shape is not None and math.prod(event_shape) != prior.features:
-            raise ValueError(f"`prior` has {prior.features} features, but the operator acts on events of shape {event_shape}")
-        factor = prior.factor.detach()
-        lam, q = torch.linalg.eigh(factor.mT @ factor)
-        self.w, self.lam, self.diag = factor @ q, lam.clamp_min(0), prior.diag.detach()
-
-    def __call__(self, u: Tensor, s2: Tensor) -> Tensor:
-        """``u`` ``(B, ...)``, ``s2`` = :math:`\\sigma^2` ``(B,)`` -> ``V u`` ``(B, ...)``."""
-        if self.w is None:
-            return expand_as(s2 / (1 + s2), u) * u
-        flat = u.flatten(1).to(self.w.dtype)
-        s2w = s2.to(self.w.dtype)
-        a = self.diag + s2w  # (B,)
-        coef = (flat @ self.w) / (a[:, None] + self.lam)
-        solved = (flat - coef @ self.w.mT) / a[:, None]
-        out = s2w[:, None] * flat - s2w[:, None] ** 2 * solved
-        return out.reshape(u.shape).to(u.dtype)
+#: MMPS covariance names (the registry :mod:`diffem.spec` and the config read).
+COVARIANCES = ("tweedie", "prior", "sigma_t", "sigma_x")
 
 
 class MMPSDenoiser(nn.Module):
@@ -106,9 +75,10 @@ class MMPSDenoiser(nn.Module):
         noise_std: :math:`\sigma_y > 0` (:math:`\Sigma_y = \sigma_y^2 I`), data units.
         maxiter: Conjugate gradient iterations (the paper: 1 for CIFAR-10, 3 for MRI).
         tol: Relative CG tolerance (0: always ``maxiter`` iterations).
-        covariance: ``"tweedie"`` (default), ``"prior"`` or ``"sigma_t"`` (module docstring).
-        prior: For ``covariance="prior"`` only: the :class:`~diffem.gaussian.GaussianPrior`
-            whose covariance is :math:`\Sigma_x` (default ``None``: :math:`\Sigma_x = I`).
+        covariance: ``"tweedie"`` (default), ``"prior"``, ``"sigma_t"`` or ``"sigma_x"`` (module docstring).
+        prior: For ``covariance="prior"`` (optional, default ``None``: :math:`\Sigma_x = I`) and
+            ``"sigma_x"`` (required): the :class:`~diffem.gaussian.GaussianPrior` whose
+            covariance is :math:`\Sigma_x`.
 
     Cost per call: one forward and ``maxiter`` VJPs (``"tweedie"``); one forward and one
     VJP (``"prior"``, ``"sigma_t"``; their CG needs no network call).
@@ -116,7 +86,9 @@ class MMPSDenoiser(nn.Module):
     Raises:
         ValueError: if ``y`` is not finite, ``operator`` does not have batch shape
             ``(B,)`` with ``B = len(y)``, ``noise_std <= 0``, ``maxiter < 1``, ``tol < 0``,
-            ``covariance`` is unknown or ``prior`` is given with another covariance; at
+            ``covariance`` is unknown, ``prior`` is given with another covariance than
+            ``"prior"`` / ``"sigma_x"`` (or missing for ``"sigma_x"``), or its feature count
+            does not match the operator's input; at
             call time if ``x_t`` or ``sigma`` have the wrong shape or ``sigma <= 0``.
         TypeError: if ``prior`` is not a GaussianPrior.
     """
@@ -136,15 +108,24 @@ class MMPSDenoiser(nn.Module):
         self.noise_std = check_observation(y, operator, noise_std)
         if covariance not in COVARIANCES:
             raise ValueError(f"`covariance` must be one of {COVARIANCES}, got {covariance!r}")
-        if prior is not None and covariance != "prior":
-            raise ValueError(f"`prior` (Sigma_x) is used only by covariance='prior', got covariance={covariance!r}")
+        if prior is not None and covariance not in ("prior", "sigma_x"):
+            raise ValueError(f"`prior` (Sigma_x) is used only by covariance='prior' or 'sigma_x', got covariance={covariance!r}")
+        if covariance == "sigma_x" and prior is None:
+            raise ValueError("covariance='sigma_x' needs `prior`: the GaussianPrior whose covariance is Sigma_x")
+        if prior is not None:
+            from ..gaussian import GaussianPrior
+
+            if not isinstance(prior, GaussianPrior):
+                raise TypeError(f"`prior` must be a GaussianPrior (or None for Sigma_x = I), got {type(prior).__name__}")
+            if operator.in_shape is not None and math.prod(operator.in_shape) != prior.features:
+                raise ValueError(f"`prior` has {prior.features} features, but the operator acts on events of shape {operator.in_shape}")
         self.denoiser = denoiser
         self.y = y
         self.operator = operator
         self.maxiter = check_maxiter(maxiter)
         self.tol = check_tol(tol)
         self.covariance = covariance
-        self._prior_cov = _PriorCovariance(prior, operator.in_shape) if covariance == "prior" else None
+        self.prior = prior
 
     def forward(self, x_t: Tensor, sigma) -> Tensor:
         sigma = sigma_vector(sigma, x_t, self.y.shape[0])
@@ -169,10 +150,15 @@ class MMPSDenoiser(nn.Module):
                     def cov(u: Tensor) -> Tensor:
                         return s2_x * u
 
+                elif self.prior is None:  # Sigma_x = I: V = sigma^2 / (1 + sigma^2) I
+
+                    def cov(u: Tensor) -> Tensor:
+                        return (s2_x / (1 + s2_x)) * u
+
                 else:
 
                     def cov(u: Tensor) -> Tensor:
-                        return self._prior_cov(u, sigma.square())
+                        return self.prior.conditional_covariance(u, sigma)
 
                 def matvec(p: Tensor) -> Tensor:
                     return var_y * p + A(cov(A.T(p)))

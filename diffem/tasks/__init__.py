@@ -8,48 +8,33 @@ A :class:`Task` turns a validated :class:`~diffem.config.EMConfig` into
 - :meth:`Task.augment`: M-step data augmentation of posterior samples.
 - :meth:`Task.evaluate`: the experiment's metric of a prior (the only place that
   reads ground truth, for evaluation).
+- :meth:`Task.card_facts`: what a published prior's model card says about the experiment.
 
 Task-specific keys live in ``config.data`` and ``config.network``; unknown keys
 raise :class:`~diffem.config.ConfigError` naming the key.
+
+:class:`~diffem.observations.ObservationSet` and the cross-process collectives of
+:mod:`diffem.distributed` (``sharded_over``, ``sharded_gather``, ``all_ok``, ``PeerFailure``)
+live below this layer; they are re-exported here for older imports.
 """
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import importlib
 import math
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import datasets
 import torch
 from torch import Tensor, nn
 
 from ..config import ConfigError, EMConfig
-from ..operators import LinearOperator
+from ..distributed import PeerFailure, all_ok, sharded_gather, sharded_over, sharding_accelerator
+from ..observations import ObservationSet
 
 __all__ = ["ObservationSet", "Task", "get_task", "task_class", "draw_prior_samples", "sharded_over", "sharded_gather",
            "all_ok", "PeerFailure", "load_or_build", "TASKS"]
-
-
-@dataclass
-class ObservationSet:
-    """Observations only: ``y`` ``(N, *out_shape)``, the operator (batch ``(N,)``), :math:`\\sigma_y`.
-
-    By construction it has no field for the clean signal ``x``.
-    """
-
-    y: Tensor
-    operator: LinearOperator
-    noise_std: float
-    event_shape: tuple
-
-    def __len__(self) -> int:
-        return self.y.shape[0]
-
-    def __getitem__(self, index) -> "ObservationSet":
-        return ObservationSet(self.y[index], self.operator[index], self.noise_std, self.event_shape)
 
 
 def _options(section: str, given: dict, defaults: dict) -> dict:
@@ -68,6 +53,9 @@ class Task:
     #: ``data.*`` keys that only the evaluation reads (held-out counts, posterior samples and
     #: their sampler): a resumed run and ``diffem evaluate --set`` may change them, as ``eval.*``.
     eval_data_keys: tuple[str, ...] = ()
+    #: The largest |x_i| of the data (every task maps its data to [-2, 2]); E-step samples beyond
+    #: ``estep.outlier_factor`` times this are outliers (:func:`diffem.em.estep.keep_samples`).
+    data_bound: float = 2.0
 
     def __init__(self, config: EMConfig):
         self.config = config
@@ -91,6 +79,32 @@ class Task:
     def evaluate(self, pipeline, lap: int, generator_seed: int, progress: bool = True) -> dict:  # pragma: no cover
         raise NotImplementedError
 
+    @classmethod
+    def card_facts(cls, data: dict, observations, fmt: Callable[[object], str]) -> dict | None:
+        """What the model card of a published prior of this experiment says about its data
+        (:func:`diffem.hub.build_model_card`); ``None``: the card describes the experiment generically.
+
+        A class method (the card is written from a run's ``config.yaml``, possibly on another
+        machine: nothing is read, no path is checked).
+
+        Arguments:
+            data: The run's ``data`` options over :attr:`data_defaults` (what the run used).
+            observations: The number of observations EM used (the lap record's, else the options').
+            fmt: How the card writes a number (``fmt(0.25) == "0.25"``).
+
+        Returns:
+            ``datasets`` (Hub dataset ids), ``pipeline_tag``, ``task_type``, ``dataset_type``,
+            ``dataset_name``, ``dataset_split``, ``kind``, ``event`` (what a sample is),
+            ``corruption`` (one sentence on the observations), ``operator`` and ``posterior``
+            (Python lines defining ``A`` and ``y`` for the card's posterior-sampling snippet).
+        """
+        return None
+
+    def estep_metrics(self, samples: Tensor, lap: int) -> dict:
+        """Metrics of a lap's E-step posterior samples (those the M-step trains on), computed before
+        they are discarded and stored in the lap's record at evaluated laps (default: none)."""
+        return {}
+
 
 def load_or_build(path: Path, build) -> datasets.Dataset:
     """Load a saved dataset, or build and save it (atomically: a killed build leaves nothing)."""
@@ -101,50 +115,6 @@ def load_or_build(path: Path, build) -> datasets.Dataset:
     ds.save_to_disk(str(tmp))
     tmp.rename(path)
     return datasets.load_from_disk(str(path))
-
-
-_SHARDING: contextvars.ContextVar = contextvars.ContextVar("diffem_sharding", default=None)
-
-
-@contextlib.contextmanager
-def sharded_over(accelerator):
-    """Within this context, :func:`draw_prior_samples` splits its samples over the processes of
-    ``accelerator`` and gathers them (every process must then call it with the same arguments)."""
-    token = _SHARDING.set(accelerator)
-    try:
-        yield
-    finally:
-        _SHARDING.reset(token)
-
-
-class PeerFailure(RuntimeError):
-    """Raised by :func:`sharded_gather` on every process when another process's sharded work failed."""
-
-
-def all_ok(accelerator, ok: bool) -> bool:
-    """Whether ``ok`` holds on every process of ``accelerator`` (one all-gather of a flag; none
-    with one process)."""
-    if accelerator.num_processes == 1:
-        return ok
-    flag = torch.tensor([1.0 if ok else 0.0], device=accelerator.device)
-    return bool((accelerator.gather(flag) > 0).all())
-
-
-def sharded_gather(accelerator, tensor: Tensor) -> Tensor:
-    """Every process's ``tensor`` ``(m, ...)`` (same shape on each) as ``(P m, ...)`` on the CPU, in process order.
-
-    Collectives must pair up across processes: a process whose sharded work raised before
-    this gather must not leave the others waiting in it until the group's timeout. So the
-    gather is preceded by :func:`all_ok` with ``True``; a process that failed calls
-    ``all_ok(accelerator, False)`` instead (as :func:`diffem.em.evaluation.evaluate_lap`
-    does), which pairs with that flag gather.
-
-    Raises:
-        PeerFailure: on every process that reached this gather, if another process failed.
-    """
-    if not all_ok(accelerator, True):
-        raise PeerFailure("the sharded work failed on another process")
-    return accelerator.gather(tensor.to(accelerator.device).contiguous()).cpu()
 
 
 def draw_prior_samples(pipeline, n: int, eval_config, seed: int, progress: bool = True) -> Tensor:
@@ -160,7 +130,7 @@ def draw_prior_samples(pipeline, n: int, eval_config, seed: int, progress: bool 
     from ..scheduler import VEScheduler
 
     pipeline.scheduler = VEScheduler(method=eval_config.method)
-    acc = _SHARDING.get()
+    acc = sharding_accelerator()
     processes, rank = (acc.num_processes, acc.process_index) if acc is not None else (1, 0)
     per = math.ceil(n / processes)
     out = []

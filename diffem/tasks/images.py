@@ -13,7 +13,7 @@ and evaluates a prior by
 - PSNR of the posterior mean (average of ``data.posterior_samples`` MMPS samples) of the
   first ``data.posterior_observations`` observations against their clean images.
 
-Inside :func:`diffem.tasks.sharded_over` the Inception features are computed in shards,
+Inside :func:`diffem.distributed.sharded_over` the Inception features are computed in shards,
 one per process, on each process's device, and gathered in image order, so the metrics do
 not depend on the process count.
 
@@ -33,7 +33,9 @@ from torch import Tensor, nn
 
 from ..config import ConfigError
 from ..operators import LinearOperator
-from . import _SHARDING, ObservationSet, Task, draw_prior_samples, load_or_build, sharded_gather
+from ..distributed import sharded_gather, sharding_accelerator
+from ..observations import ObservationSet
+from . import Task, draw_prior_samples, load_or_build
 
 __all__ = ["ImageTask", "build_backbone", "random_flip_shift", "sharded_inception_features"]
 
@@ -44,7 +46,7 @@ REAL_IMAGES_FILE = Path("eval") / "real_images.json"
 def sharded_inception_features(images: Tensor, device, logits: bool = False) -> dict[str, Tensor]:
     """Inception features of ``images`` ``(N, C, H, W)`` (in [-2, 2] or uint8), split over the processes.
 
-    Inside :func:`diffem.tasks.sharded_over`, process ``r`` of ``P`` computes the features
+    Inside :func:`diffem.distributed.sharded_over`, process ``r`` of ``P`` computes the features
     of images ``[r m, (r + 1) m)`` (``m = ceil(N / P)``; the last shard is padded with its
     last image, dropped afterwards) on ``device``; the gathered ``(N, 2048)`` features (and
     ``(N, 1008)`` logits if asked) are on the CPU of every process, in image order.
@@ -52,7 +54,7 @@ def sharded_inception_features(images: Tensor, device, logits: bool = False) -> 
     """
     from ..metrics import inception_features
 
-    acc = _SHARDING.get()
+    acc = sharding_accelerator()
     processes, rank = (acc.num_processes, acc.process_index) if acc is not None else (1, 0)
     n = len(images)
     if processes == 1:
@@ -220,7 +222,7 @@ class ImageTask(Task):
         metrics = {"real_fid": fid_from_features(features, ref), "real_kid": kid["kid"], "real_kid_std": kid["kid_std"],
                    "real_kid_subset_size": kid["kid_subset_size"], "real_images": len(real),
                    "real_images_set": self.real_images_key}
-        acc = _SHARDING.get()
+        acc = sharding_accelerator()
         if acc is None or acc.is_main_process:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
@@ -232,7 +234,7 @@ class ImageTask(Task):
         from ..metrics import psnr
         from ..pipeline import denoiser_of
         from ..random import make_generators
-        from ..sampling import sample_posterior
+        from ..spec import SamplerSpec
 
         cfg, d = self.config.eval, self.data
         out: dict = {}
@@ -246,10 +248,13 @@ class ImageTask(Task):
             clean = self.clean_images("train")[:m]
             est = self.config.estep
             reps = torch.arange(m).repeat_interleave(k)
-            posterior = sample_posterior(
+            # Tweedie MMPS with the E-step's sampler, steps and CG, whatever estep.covariance / guidance say
+            # (README: known differences), so that the rows of an ablation are scored alike.
+            spec = SamplerSpec(method=est.method, steps=est.steps, maxiter=est.maxiter)
+            posterior = spec.sample(
                 denoiser_of(pipeline.unet), obs.y[reps].to(pipeline.device), obs.operator[reps].to(pipeline.device),
-                obs.noise_std, obs.event_shape, steps=est.steps, maxiter=est.maxiter, method=est.method,
-                generator=make_generators(generator_seed, 1, indices=range(m * k)), batch_size=est.batch_size,
+                obs.event_shape, make_generators(generator_seed, 1, indices=range(m * k)), noise_std=obs.noise_std,
+                batch_size=est.batch_size,
             ).cpu().reshape(m, k, *obs.event_shape)
             out["psnr_posterior_mean"] = float(psnr(posterior.mean(1).clamp(-2, 2), clean).mean())
             out["psnr_posterior_sample"] = float(psnr(posterior[:, 0].clamp(-2, 2), clean).mean())

@@ -27,6 +27,26 @@ class ManifoldTask(Task):
     network_defaults = dict(hidden=[256, 256, 256], emb_features=64)
     eval_data_keys = ("eval_points", "sinkhorn_reg", "sinkhorn_maxiter")
 
+    @classmethod
+    def card_facts(cls, data: dict, observations, fmt) -> dict:
+        """The model card's description of the manifold experiment (:meth:`Task.card_facts <diffem.tasks.Task.card_facts>`)."""
+        d, sigma = data.get("features", 5), data.get("noise_std")
+        return dict(
+            datasets=[], pipeline_tag="other", task_type="unconditional-generation",
+            dataset_type="synthetic-manifold",
+            dataset_name=f"Random smooth 1-D manifold in R^{d} (diffem, curve seed {data.get('curve_seed', 0)})",
+            dataset_split="eval", kind="vector", event=f"({d},) vectors in about [-2, 2]",
+            corruption=(f"{observations} points of a random smooth 1-D manifold in R^{d}, each observed through its own "
+                        f"random 2x{d} projection matrix A_i (unit-norm rows) as y_i = A_i x_i + sigma_y e_i, "
+                        f"noise std sigma_y = {fmt(sigma)}"),
+            operator="`diffem.Projection` (one 2x5 matrix per observation)",
+            posterior=("from diffem import Projection\n"
+                       "g = torch.Generator().manual_seed(0)\n"
+                       f"matrix = torch.randn(4, 2, {d}, generator=g)\n"
+                       "A = Projection(matrix / matrix.norm(dim=-1, keepdim=True))  # one 2x5 matrix per observation\n"
+                       f"y = A(x[:4]) + {fmt(sigma)} * torch.randn(4, 2, generator=g)  # stand-ins for real y"),
+        )
+
     def check(self):
         for key in ("points", "features", "eval_points"):
             if int(self.data[key]) < 1:
@@ -61,18 +81,33 @@ class ManifoldTask(Task):
             torch.manual_seed(seed)
             return MLP(self.data["features"], tuple(self.net["hidden"]), self.net["emb_features"])
 
-    def evaluate(self, pipeline, lap: int, generator_seed: int, progress: bool = True) -> dict:
-        from ..ot import manifold_divergence
+    def divergence(self, samples: Tensor) -> tuple[float, int]:
+        """The paper's Sinkhorn divergence of ``samples`` against the held-out truth, and how many
+        samples it dropped (outside (-3, 3))."""
+        from ..ot import entropic_ot, manifold_divergence
 
-        cfg = self.config.eval
-        n = cfg.samples
-        x = draw_prior_samples(pipeline, n, cfg, generator_seed, progress)
         m = self.data["eval_points"]
         truth = self.ground_truth(2 * m, "eval")
         options = dict(reg=float(self.data["sinkhorn_reg"]), maxiter=int(self.data["sinkhorn_maxiter"]))
         if getattr(self, "_baseline", None) is None:
-            from ..ot import entropic_ot
-
             self._baseline = entropic_ot(truth[:m], truth[m:], **options)
-        value = manifold_divergence(x, truth[:m], truth[m:], baseline=self._baseline, **options)
-        return {"sinkhorn": float(value), "sinkhorn_baseline": self._baseline, "eval_samples": n, "eval_points": m}
+        return manifold_divergence(samples, truth[:m], truth[m:], baseline=self._baseline, return_dropped=True, **options)
+
+    def evaluate(self, pipeline, lap: int, generator_seed: int, progress: bool = True) -> dict:
+        """Sinkhorn divergence of ``eval.samples`` prior samples against the held-out truth."""
+        cfg = self.config.eval
+        n = cfg.samples
+        x = draw_prior_samples(pipeline, n, cfg, generator_seed, progress)
+        value, dropped = self.divergence(x)
+        return {"sinkhorn": float(value), "sinkhorn_baseline": self._baseline, "eval_samples": n,
+                "eval_points": self.data["eval_points"], "eval_dropped": dropped}
+
+    def estep_metrics(self, samples: Tensor, lap: int) -> dict:
+        """The authors' logged metric (``experiments/manifold/train.py``): the Sinkhorn divergence of
+        the E-step's posterior samples (after its (-3, 3) filter), the first ``eval.samples`` of
+        them, against the same held-out truth as the prior samples."""
+        n = min(self.config.eval.samples, len(samples))
+        if n == 0:
+            return {}
+        value, _ = self.divergence(samples[:n])
+        return {"sinkhorn_posterior": float(value), "sinkhorn_posterior_samples": n}
