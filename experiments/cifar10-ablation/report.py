@@ -1,10 +1,13 @@
 """Write tables/cifar10_ablation.md: the paper's covariance ablation, FID and KID by EM lap.
 
     python experiments/cifar10-ablation/report.py RUN_DIR ... [--tweedie DIR]
-        [--table tables/cifar10_ablation.md] [--results-dir experiments/cifar10-ablation/results]
+        [--table tables/cifar10_ablation.md] [--figure figures/cifar10_ablation.png]
+        [--results-dir experiments/cifar10-ablation/results]
 
 Each RUN_DIR is a CIFAR-10 run whose MMPS E-step used one covariance (``estep.covariance``
-in its ``config.yaml``: ``tweedie``, ``prior``, ``sigma_t``); ``--tweedie`` adds the Tweedie
+in its ``config.yaml``: ``tweedie``, ``prior``, ``sigma_t``) under the network priors; each
+lap's record names the covariance its E-step really used (``estep_covariance``: the lap-0
+Gaussian's exact one in lap 1, whatever the heuristic). ``--tweedie`` adds the Tweedie
 run from a results folder (the committed ``experiments/cifar10/results/cpu-p75``) and a
 covariance without a run comes from ``<results-dir>/<profile>-<covariance>`` when committed
 there. A covariance with neither is reported as "not run", never filled in. Every number comes from
@@ -84,6 +87,20 @@ def _max_abs(record: dict) -> float | None:
     return max(abs(moments[2]), abs(moments[3])) if moments else None
 
 
+def _used_covariance(run: dict, lap: int) -> str:
+    """The covariance lap ``lap``'s E-step used: its record's ``estep_covariance``, or for records written
+    before it was recorded, :func:`diffem.em.estep.estep_covariance` of the run's config (said so)."""
+    rec = next((x for x in run["records"] if x["lap"] == lap), None)
+    if rec is None:
+        return "-"
+    if "estep_covariance" in rec:
+        return rec["estep_covariance"]
+    from diffem.config import config_from_dict
+    from diffem.em.estep import estep_covariance
+
+    return f"{estep_covariance(config_from_dict(run['config']), lap)} (from its config)"
+
+
 def write_table(found: dict[str, dict], path: Path) -> None:
     runs = [found[c] for c in PAPER_FID if c in found]
     lines = [
@@ -93,7 +110,10 @@ def write_table(found: dict[str, dict], path: Path) -> None:
         "",
         "MMPS's E-step approximates V[x | x_t] by Tweedie's sigma_t^2 J (the method), by "
         "(I + Sigma_t^-1)^-1 (`estep.covariance=prior`) or by Sigma_t = sigma_t^2 I (`estep.covariance=sigma_t`); "
-        "everything else is the same run.",
+        "everything else is the same run. As in the authors' code, a heuristic acts only under a network prior: "
+        "lap 1's E-step samples under the lap-0 Gaussian with its exact covariance, so laps 0 and 1 are shared "
+        "(the heuristic rows fork the Tweedie run after lap 1, `diffem fork`) and the rows differ from lap 2 on "
+        "(the authors' lap 1). The evaluation's posterior PSNR (not shown here) uses Tweedie MMPS in every row.",
         "",
     ]
     if runs:
@@ -155,6 +175,34 @@ def write_table(found: dict[str, dict], path: Path) -> None:
                 rec = next((x for x in found[c]["records"] if x["lap"] == lap), {})
                 cells += [fmt(rec.get("fid")), _kid(rec) if rec else "-"]
             lines.append(f"| {lap} | " + " | ".join(cells) + " |")
+        lines += ["", "E-step covariance each lap's record names (`estep_covariance`):", "",
+                  "| lap | " + " | ".join(present) + " |", "|---:|" + "---|" * len(present)]
+        for lap in laps:
+            if lap == 0:
+                continue
+            cells = [_used_covariance(found[c], lap) for c in present]
+            lines.append(f"| {lap} | " + " | ".join(cells) + " |")
+        if "tweedie" in present and len(present) > 1:
+            lines += ["", "## Do the rows differ beyond KID's error?", "",
+                      "Difference of each heuristic's KID from Tweedie's at the same lap, in units of the combined "
+                      "standard error sqrt(s_h^2 + s_t^2) (KID's std over its subsets); |z| > 2 is called a real gap.", "",
+                      "| lap | " + " | ".join(f"{c} - tweedie (z)" for c in present if c != "tweedie") + " |",
+                      "|---:|" + "---|" * (len(present) - 1)]
+            for lap in laps:
+                t = next((x for x in found["tweedie"]["records"] if x["lap"] == lap), {})
+                cells = []
+                for c in present:
+                    if c == "tweedie":
+                        continue
+                    h = next((x for x in found[c]["records"] if x["lap"] == lap), {})
+                    if t.get("kid") is None or h.get("kid") is None:
+                        cells.append("-")
+                        continue
+                    diff = h["kid"] - t["kid"]
+                    err = (h.get("kid_std", 0.0) ** 2 + t.get("kid_std", 0.0) ** 2) ** 0.5
+                    z = diff / err if err > 0 else 0.0
+                    cells.append(f"{diff:+.4f} ({z:+.1f}: {'real gap' if abs(z) > 2 else 'within error'})")
+                lines.append(f"| {lap} | " + " | ".join(cells) + " |")
         # Where a heuristic breaks down, its posterior samples leave the data range first.
         lines += ["", "## E-step posterior samples", "",
                   "Largest |x| of the lap's E-step samples (`estep_sample_moments`; the data lie in [-2, 2]) "
@@ -176,6 +224,40 @@ def write_table(found: dict[str, dict], path: Path) -> None:
     path.write_text("\n".join(lines))
 
 
+def write_figure(found: dict[str, dict], path: Path) -> None:
+    """FID and KID (with KID's error) by lap for each row, beside the paper's lap-32 FIDs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_fid, ax_kid) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for cov in PAPER_FID:
+        if cov not in found:
+            continue
+        recs = [r for r in found[cov]["records"] if r.get("fid") is not None]
+        laps = [r["lap"] for r in recs]
+        line, = ax_fid.plot(laps, [r["fid"] for r in recs], marker="o", label=f"{NAMES[cov]} (paper, lap 32: {PAPER_FID[cov]:g})")
+        kid = [(r["lap"], r["kid"], r.get("kid_std", 0.0)) for r in recs if r.get("kid") is not None]
+        if kid:
+            ax_kid.errorbar([k[0] for k in kid], [k[1] for k in kid], yerr=[k[2] for k in kid], marker="o",
+                            color=line.get_color(), capsize=3, label=NAMES[cov])
+    real = [r for c in found.values() for r in c["records"] if r.get("real_fid") is not None]
+    if real:
+        ax_fid.axhline(real[-1]["real_fid"], color="grey", ls="--", lw=1, label="real images (the metric's floor)")
+    for ax, name in ((ax_fid, "FID"), (ax_kid, "KID")):
+        ax.set_xlabel("lap"), ax.set_ylabel(name), ax.grid(alpha=0.3)
+        ax.axvline(1.5, color="k", lw=0.6, ls=":")  # rows share laps 0 and 1
+        ax.set_xticks(sorted({r["lap"] for c in found.values() for r in c["records"]}))
+    ax_fid.legend(fontsize=7)
+    ax_fid.set_title("FID (rows share laps 0-1; heuristics act from lap 2)", fontsize=9)
+    ax_kid.set_title("KID +- its std over subsets", fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def save_results(found: dict[str, dict], results_dir: Path) -> None:
     """Copy each of this report's (non-smoke) runs to ``<results_dir>/<profile>-<covariance>/``."""
     for cov, r in found.items():
@@ -192,10 +274,13 @@ def main(argv=None) -> int:
     parser.add_argument("--tweedie", type=Path, default=None)
     parser.add_argument("--profile", default="cpu")
     parser.add_argument("--table", type=Path, default=ROOT / "tables" / "cifar10_ablation.md")
+    parser.add_argument("--figure", type=Path, default=ROOT / "figures" / "cifar10_ablation.png")
     parser.add_argument("--results-dir", type=Path, default=HERE / "results")
     args = parser.parse_args(argv)
     found = collect(args.run_dirs, args.tweedie, args.results_dir, args.profile)
     write_table(found, args.table)
+    if found:
+        write_figure(found, args.figure)
     save_results(found, args.results_dir)
     status = ", ".join(f"{c}: {found[c]['source'] if c in found else 'not run'}" for c in PAPER_FID)
     print(f"wrote {args.table} ({status})")
