@@ -20,7 +20,7 @@ import matplotlib.pyplot as plt
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import fmt, hardware, report_main, save_figure  # noqa: E402
 
-from diffem.config import EMConfig, _from_dict  # noqa: E402
+from diffem.config import config_from_dict  # noqa: E402
 from diffem.em import lap_dir  # noqa: E402
 from diffem.pipeline import DiffusionPriorPipeline  # noqa: E402
 from diffem.tasks import draw_prior_samples  # noqa: E402
@@ -34,7 +34,11 @@ PAPER_NOTE = (
 
 
 def write_table(config: dict, records: list[dict], path: Path, run_dir: Path) -> None:
-    data = config["data"]
+    data, e = config["data"], config["estep"]
+    solve = f"CG {e['maxiter']} iterations" + (f" (to a relative tolerance {e['tol']:g})" if e.get("tol") else "")
+    sampler = e["method"].upper() + f" {e['steps']} steps" + (
+        f", {e.get('corrections', 1)} Langevin correction(s) a step" if e["method"] == "pc" else "")
+    lr_end = config["mstep"].get("lr_end")
     lines = [
         "# Manifold experiment: Sinkhorn divergence per lap",
         "",
@@ -42,37 +46,46 @@ def write_table(config: dict, records: list[dict], path: Path, run_dir: Path) ->
         "",
         f"- profile: `{config['profile']}`; observations: {data.get('points')} points on a random 1-D curve in "
         f"R^{data.get('features', 5)}, each seen through its own 2x5 projection, noise std {data.get('noise_std')}",
-        f"- E-step: {config['estep']['method'].upper()} {config['estep']['steps']} steps, CG {config['estep']['maxiter']} "
-        f"iterations; M-step: {config['mstep']['steps']} steps of batch {config['mstep']['batch_size']} a lap",
+        f"- E-step: {sampler}, MMPS covariance `{e.get('covariance', 'tweedie')}` under the network priors (the lap-0 "
+        f"Gaussian's exact one in lap 1), {solve}; M-step: {config['mstep']['steps']} steps of batch "
+        f"{config['mstep']['batch_size']} a lap, fresh Adam, lr {config['mstep']['lr']:g}"
+        + (f" -> {lr_end:g} linearly each lap" if lr_end else " constant"),
         f"- metric: entropic OT (squared Euclidean, lambda = {data.get('sinkhorn_reg')}, "
-        f"{data.get('sinkhorn_maxiter')} log-domain iterations) between {config['eval']['samples']} prior samples "
-        f"({config['eval']['method'].upper()} {config['eval']['steps']} steps) and {data.get('eval_points')} held-out "
-        "ground-truth points, minus the same between two ground-truth sets, floored at 1e-6 (the authors' definition)",
+        f"{data.get('sinkhorn_maxiter')} log-domain iterations) against {data.get('eval_points')} held-out "
+        "ground-truth points, minus the same between two ground-truth sets, floored at 1e-6 (the authors' "
+        f"definition), of {config['eval']['samples']} prior samples ({config['eval']['method'].upper()} "
+        f"{config['eval']['steps']} steps) and of the first {config['eval']['samples']} E-step posterior samples "
+        "kept for the M-step (the authors' logged metric)",
         f"- hardware: {hardware(records)}",
         "",
-        "| lap | prior | Sinkhorn divergence | E-step (s) | M-step (s) | eval (s) | train loss | discarded samples |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|",
+        "| lap | prior | E-step covariance | Sinkhorn, prior samples | Sinkhorn, E-step samples | E-step discarded "
+        "| eval samples dropped | E-step (s) | M-step (s) | eval (s) | train loss |",
+        "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     total = 0.0
     for r in records:
         total += r.get("estep_time_s", 0) + r.get("mstep_time_s", 0) + r.get("eval_time_s", 0)
         prior = "Gaussian (EM fit)" if r["lap"] == 0 else "diffusion (MLP)"
         lines.append(
-            f"| {r['lap']} | {prior} | {fmt(r.get('sinkhorn'))} | {fmt(r.get('estep_time_s'), 3)} | "
-            f"{fmt(r.get('mstep_time_s'), 3)} | {fmt(r.get('eval_time_s'), 3)} | {fmt(r.get('train_loss'))} | "
-            f"{fmt(r.get('discarded_samples'))} |"
+            f"| {r['lap']} | {prior} | {r.get('estep_covariance', '-') if r['lap'] else '-'} | {fmt(r.get('sinkhorn'))} | "
+            f"{fmt(r.get('sinkhorn_posterior'))} | {fmt(r.get('discarded_samples'))} | {fmt(r.get('eval_dropped'))} | "
+            f"{fmt(r.get('estep_time_s'), 3)} | {fmt(r.get('mstep_time_s'), 3)} | {fmt(r.get('eval_time_s'), 3)} | "
+            f"{fmt(r.get('train_loss'))} |"
         )
     evaluated = [r for r in records if r.get("sinkhorn") is not None]
-    lines += ["", f"Total wall time of the laps: {total / 60:.1f} min."]
+    lines += ["", f"Total wall time of the laps and evaluations (sum of the records): {total / 60:.1f} min."]
     if len(evaluated) >= 2:
         first, last = evaluated[0], evaluated[-1]
         lines.append(
-            f"Lap {last['lap']} / lap {first['lap']} divergence ratio: {last['sinkhorn'] / first['sinkhorn']:.3g} "
-            f"({first['sinkhorn'] / last['sinkhorn']:.3g}x lower)."
+            f"Lap {last['lap']} / lap {first['lap']} divergence of the prior samples: "
+            f"{last['sinkhorn'] / first['sinkhorn']:.3g} ({first['sinkhorn'] / last['sinkhorn']:.3g}x lower)."
         )
+        worse = [(a["lap"], b["lap"]) for a, b in zip(evaluated, evaluated[1:]) if b["lap"] >= 8 and b["sinkhorn"] > a["sinkhorn"]]
+        lines.append("From lap 8 on, no evaluated lap is worse than the one before." if not worse else
+                     "From lap 8 on, worse than the evaluated lap before: " + ", ".join(f"lap {b} (vs {a})" for a, b in worse) + ".")
     lines += [
-        "Discarded samples: E-step posterior samples with a coordinate outside (-3, 3), dropped before the "
-        "M-step as in the authors' code.",
+        "E-step discarded: posterior samples with a coordinate outside (-3, 3) (or non-finite), dropped before the "
+        "M-step as in the authors' code; eval samples dropped: prior samples the metric dropped by the same rule.",
         "",
         PAPER_NOTE,
         "",
@@ -93,7 +106,7 @@ def figure_laps(last: int) -> list[int]:
 
 
 def write_figure(config: dict, records: list[dict], path: Path, run_dir: Path, n: int = 2048) -> None:
-    cfg = _from_dict(EMConfig, {k: v for k, v in config.items()})
+    cfg = config_from_dict({k: v for k, v in config.items()})
     task = ManifoldTask(cfg)
     truth = task.ground_truth(n, "eval")
     done = [r["lap"] for r in records if (lap_dir(run_dir, r["lap"]) / "model_index.json").exists()]
@@ -105,10 +118,18 @@ def write_figure(config: dict, records: list[dict], path: Path, run_dir: Path, n
         rows.append((f"lap {k}", draw_prior_samples(pipe, n, cfg.eval, seed=12345, progress=False)))
     rows.append(("ground truth", truth))
     pairs = [(0, 1), (1, 2), (2, 3), (3, 4)]
-    fig, axes = plt.subplots(len(rows), len(pairs), figsize=(2.2 * len(pairs), 2.2 * len(rows)), squeeze=False)
+    fig = plt.figure(figsize=(2.2 * len(pairs), 2.2 * len(rows) + 2.6))
+    grid = fig.add_gridspec(len(rows) + 1, len(pairs), height_ratios=[1.2] + [1] * len(rows))
+    curve = fig.add_subplot(grid[0, :])
+    for key, label, marker in (("sinkhorn", "prior samples", "o"), ("sinkhorn_posterior", "E-step posterior samples", "s")):
+        pts = [(r["lap"], r[key]) for r in records if r.get(key) is not None]
+        if pts:
+            curve.plot(*zip(*pts), marker=marker, label=label)
+    curve.set_yscale("log"), curve.set_xlabel("lap", fontsize=8), curve.set_ylabel("Sinkhorn divergence", fontsize=8)
+    curve.legend(fontsize=8), curve.tick_params(labelsize=7), curve.grid(alpha=0.3)
     for i, (label, x) in enumerate(rows):
         for j, (a, b) in enumerate(pairs):
-            ax = axes[i, j]
+            ax = fig.add_subplot(grid[i + 1, j])
             ax.hist2d(x[:, a].numpy(), x[:, b].numpy(), bins=64, range=[[-3, 3], [-3, 3]], cmap="Blues", cmin=1)
             ax.set_xticks([]), ax.set_yticks([])
             ax.set_aspect("equal")
@@ -116,7 +137,7 @@ def write_figure(config: dict, records: list[dict], path: Path, run_dir: Path, n
                 ax.set_title(f"$x_{a}$ vs $x_{b}$", fontsize=9)
             if j == 0:
                 ax.set_ylabel(label, fontsize=9)
-    save_figure(fig, path, f"Manifold ({config['profile']} profile): prior samples by lap")
+    save_figure(fig, path, f"Manifold ({config['profile']} profile): divergence and prior samples by lap")
 
 
 def main(argv=None) -> int:
