@@ -31,7 +31,7 @@ dense bf16 tensor-core peak (A100 312 TFLOP/s, H100 SXM 989 TFLOP/s), with 4 GPU
 
 Writes ``benchmarks/results/flops.json`` (every count and assumption),
 ``tables/paper_cost.md`` (the full table) and the block between the ``paper-cost`` markers
-of README.md (the summary). Usage::
+of docs/benchmarks.md (the summary). Usage::
 
     python benchmarks/flops.py [--utilisation 0.4] [--no-readme] [--from-json]
 """
@@ -94,7 +94,8 @@ def count_flops(fn) -> int:
 
 def build(name: str, config):
     """The profile's backbone, an event shape, and an operator factory ``batch -> (operator, y shape)``."""
-    from diffem.operators import Identity, Mask, Projection, SubsampledFourier, column_mask
+    from diffem.data.mri_mask import column_mask
+    from diffem.operators import Identity, Mask, Projection, SubsampledFourier
 
     g = torch.Generator().manual_seed(0)
     if name == "manifold":
@@ -224,7 +225,7 @@ def _e(x: float) -> str:
 
 
 def tables(results: dict) -> tuple[str, str]:
-    """(summary for README.md, full Markdown for tables/paper_cost.md)."""
+    """(summary for docs/benchmarks.md, full Markdown for tables/paper_cost.md)."""
     u = results["utilisation"]
     head = ["| network (paper profile) | params | M-step step, GFLOP per sample | MMPS step, GFLOP per sample "
             "(CG k) | PFLOP per lap (E + M) | 1x A100 | 4x A100 | 1x H100 | 4x H100 | authors |",
@@ -304,8 +305,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--utilisation", type=float, default=0.4, help="fraction of the dense bf16 peak")
     parser.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "flops.json")
     parser.add_argument("--table", type=Path, default=ROOT / "tables" / "paper_cost.md")
-    parser.add_argument("--readme", type=Path, default=ROOT / "README.md")
-    parser.add_argument("--no-readme", action="store_true", help="do not rewrite README.md's block")
+    parser.add_argument("--readme", type=Path, default=ROOT / "docs" / "benchmarks.md")
+    parser.add_argument("--no-readme", action="store_true", help="do not rewrite docs/benchmarks.md's block")
     parser.add_argument("--only", nargs="*", default=None, help="networks to count (default: all)")
     parser.add_argument("--from-json", action="store_true",
                         help="rewrite the table and README block from the existing --json results, counting nothing")
