@@ -28,6 +28,8 @@ while [ $# -gt 0 ]; do
 done
 if [ -z "$profile" ]; then
     profile=$(python -c "import torch; print('paper' if torch.cuda.is_available() else 'cpu')")
+    if [ "$profile" = "paper" ]; then why="CUDA found"; else why="no CUDA"; fi
+    echo "reproduce.sh: profile $profile ($why; --profile cpu | paper chooses)" >&2
 fi
 if [ ! -f "experiments/$experiment/$profile.yaml" ]; then
     echo "reproduce.sh: no profile '$profile' for experiment '$experiment' (experiments/$experiment/*.yaml)" >&2

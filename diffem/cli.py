@@ -39,7 +39,11 @@ def _default_profile() -> str:
 
 
 def _train(args) -> int:
-    config = load_config(args.experiment, args.profile or _default_profile(), path=args.config, overrides=args.set)
+    profile = args.profile or _default_profile()
+    if args.profile is None and args.config is None:  # say which profile runs, and why, before any work
+        why = "CUDA found" if profile == "paper" else "no CUDA"
+        print(f"diffem: profile {profile} ({why}; --profile cpu | paper chooses)", file=sys.stderr)
+    config = load_config(args.experiment, profile, path=args.config, overrides=args.set)
     if args.output_dir:
         config.output_dir = args.output_dir
     # Experiment-specific options are checked here too, before any work.

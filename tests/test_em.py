@@ -13,6 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from diffem.cli import main as cli_main
 from diffem.config import ConfigError, load_config
 from diffem.em import EMTrainer, describe_hardware
 from diffem.observations import ObservationSet
@@ -159,3 +160,12 @@ def test_cli_dry_run_and_errors(tmp_path):
     missing = subprocess.run([sys.executable, "-m", "diffem.cli", "evaluate", str(tmp_path)], capture_output=True,
                              text=True, cwd=ROOT)
     assert missing.returncode == 2 and "not a run folder" in missing.stderr
+
+
+def test_train_says_which_profile_it_chose_and_why(capsys):
+    assert cli_main(["train", "manifold", "--dry-run"]) == 0
+    err = capsys.readouterr().err
+    expected = "profile paper (CUDA found" if torch.cuda.is_available() else "profile cpu (no CUDA"
+    assert expected in err
+    assert cli_main(["train", "manifold", "--profile", "smoke", "--dry-run"]) == 0
+    assert "profile" not in capsys.readouterr().err  # chosen by the user: nothing to explain

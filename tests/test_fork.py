@@ -57,3 +57,4 @@ def test_a_fork_refuses_keys_the_copied_laps_depend_on(tmp_path, capsys, overrid
     assert message in capsys.readouterr().err
     assert not (tmp_path / "f").exists()
     assert main(["fork", str(source), "--lap", "1", "--output-dir", str(tmp_path / "g")]) == 2  # lap 1 not saved
+
