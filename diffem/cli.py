@@ -108,11 +108,14 @@ def _fork(args) -> int:
     from pathlib import Path
 
     from .em.fork import fork_run
+    from .runs import RunFolderError, read_config
     from .tasks import task_class
 
     source = Path(args.run_dir)
-    experiment = (yaml.safe_load((source / "config.yaml").read_text()) or {}).get("experiment", "") \
-        if (source / "config.yaml").exists() else ""
+    try:
+        experiment = read_config(source)[0].get("experiment", "")
+    except RunFolderError as e:
+        raise ConfigError(str(e)) from None
     keys = task_class(experiment).eval_data_keys if experiment else ()
     config = fork_run(source, args.lap, args.output_dir, args.set, eval_data_keys=keys)
     print(f"diffem: forked laps 0-{args.lap} of {source} into {config.run_dir}; "

@@ -35,8 +35,10 @@ from typing import Callable, Sequence
 from torch import Tensor
 
 from .edm import SAMPLER_METHODS, make_scheduler
+from .gaussian import GaussianPrior
 from .posterior import GUIDANCE_OPTIONS, GUIDANCES
 from .posterior.mmps import COVARIANCES
+from .sampling import sample_posterior
 
 __all__ = ["SamplerSpec", "SAMPLER_METHODS", "GUIDANCES", "COVARIANCES", "GAUSSIAN_EXACT"]
 
@@ -187,9 +189,6 @@ class SamplerSpec:
                 different values; ``covariance="sigma_x"`` without ``sigma_x`` under a network
                 prior; and :func:`~diffem.sampling.sample_posterior`'s checks.
         """
-        from .gaussian import GaussianPrior
-        from .sampling import sample_posterior
-
         if noise_std is None:
             noise_std = self.noise_std
         elif self.noise_std is not None and float(noise_std) != float(self.noise_std):

@@ -40,6 +40,7 @@ __all__ = [
     "atomic_torch_save",
     "atomic_write_text",
     "check_resume_config",
+    "changed_keys",
     "save_lap",
     "sampling_settings",
     "LapRecords",
@@ -86,7 +87,7 @@ def check_resume_config(path: Path, config: EMConfig, eval_data_keys: Iterable[s
     old = yaml.safe_load(path.read_text()) or {}
     new = config_to_dict(config)
     allowed = {f"data.{k}" for k in eval_data_keys}
-    changed = [k for k in _changed_keys(old, new) if k.split(".")[0] not in RESUMABLE_KEYS and k not in allowed]
+    changed = [k for k in changed_keys(old, new) if k.split(".")[0] not in RESUMABLE_KEYS and k not in allowed]
     if changed:
         raise ConfigError(
             f"{path} holds a different configuration (changed: {', '.join(changed)}); a resumed run may only "
@@ -96,7 +97,7 @@ def check_resume_config(path: Path, config: EMConfig, eval_data_keys: Iterable[s
         )
 
 
-def _changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
+def changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
     """Dotted keys whose values differ; a key missing on one side (added to or removed from
     :class:`EMConfig` since the run started) counts as unchanged, except under ``data``
     (free-form task options: a key set on one side only changes the run); ``network`` is
@@ -107,7 +108,7 @@ def _changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
         if isinstance(a, dict) and isinstance(b, dict) and k != "network":
             if k == "data":  # a data key added or removed (a default) changes the run
                 out += [f"data.{j}" for j in sorted(set(a) ^ set(b))]
-            out += _changed_keys(a, b, f"{prefix}{k}.")
+            out += changed_keys(a, b, f"{prefix}{k}.")
         elif a != b:
             out.append(f"{prefix}{k}")
     return out

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import yaml
 
-from ..config import ConfigError, EMConfig, config_from_dict, config_to_dict
-from .checkpoint import LapRecords, atomic_write_text, is_complete, lap_dir
+from ..config import ConfigError, EMConfig, config_from_dict, config_to_dict, load_config
+from .checkpoint import LapRecords, changed_keys, atomic_write_text, is_complete, lap_dir
 from .estep import estep_covariance
 
 __all__ = ["fork_run", "FORKABLE_SECTIONS", "FORK_FILE"]
@@ -33,14 +33,11 @@ FORKABLE_SECTIONS = ("estep", "mstep", "precision", "timeout_minutes", "laps", "
 FORK_FILE = "fork.json"
 
 
-def _flatten(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in tree.items():
-        if isinstance(v, dict) and k not in ("network",):
-            out |= _flatten(v, f"{prefix}{k}.")
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
+def _value(tree: dict, key: str):
+    """The value of a dotted ``key`` in a nested mapping (None when absent)."""
+    for part in key.split("."):
+        tree = tree.get(part) if isinstance(tree, dict) else None
+    return tree
 
 
 def fork_run(source, lap: int, output_dir, overrides: list[str] | None = None, eval_data_keys=()) -> EMConfig:
@@ -67,29 +64,18 @@ def fork_run(source, lap: int, output_dir, overrides: list[str] | None = None, e
     if lap < 0 or not is_complete(lap_dir(source, lap)):
         raise ConfigError(f"lap {lap} of `{source}` is not saved (fork a finished lap)")
     old = yaml.safe_load((source / "config.yaml").read_text()) or {}
-    data = json.loads(json.dumps(old))
-    for item in overrides or []:
-        key, sep, raw = item.partition("=")
-        if not sep:
-            raise ConfigError(f"override `{item}` must look like key=value")
-        node = data
-        parts = key.strip().split(".")
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-        node[parts[-1]] = yaml.safe_load(raw)
-    data["output_dir"] = str(output_dir)
-    config = config_from_dict(data)
-    before, after = _flatten(old), _flatten(config_to_dict(config))
+    # The overrides parse as `diffem train --set` parses them; the comparison is the resume check's
+    # (a key added to the config since the source ran is unchanged, except under `data`).
+    config = load_config(path=source / "config.yaml", overrides=list(overrides or []))
+    config.output_dir = str(output_dir)
+    after = config_to_dict(config)
     allowed = {f"data.{k}" for k in eval_data_keys}
-    # As on resume: a key missing on one side (added to the config since the source ran) is unchanged,
-    # except under `data` (free-form task options).
-    keys = (set(before) & set(after)) | {k for k in set(before) | set(after) if k.startswith("data.")}
-    changed = sorted(k for k in keys if before.get(k) != after.get(k))
+    changed = [k for k in changed_keys(old, after) if k != "output_dir"]
     refused = [k for k in changed if k.split(".")[0] not in FORKABLE_SECTIONS and k not in allowed]
     if refused:
         raise ConfigError(f"a fork may change only keys that act after lap {lap} ({', '.join(FORKABLE_SECTIONS)} and "
                           f"the evaluation's data keys), not {', '.join(refused)}")
-    meta = {"source": str(source), "lap": lap, "changed": {k: after.get(k) for k in changed if k != "output_dir"}}
+    meta = {"source": str(source), "lap": lap, "changed": {k: _value(after, k) for k in changed}}
     if output_dir.exists():
         existing = output_dir / FORK_FILE
         if existing.exists() and json.loads(existing.read_text()) == meta:
