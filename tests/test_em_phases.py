@@ -225,3 +225,16 @@ def test_too_many_outlier_samples_stop_the_lap_before_its_mstep(tmp_path):
     assert (lap_dir(tmp_path, 0) / "model_index.json").exists() and not lap_dir(tmp_path, 1).exists()
     assert sorted(p.name for p in (tmp_path / "work" / "lap_01" / "estep").iterdir())  # the chunks stay
     assert "diffem fork" in str(err.value)
+
+
+def test_a_failing_estep_metric_is_recorded_and_the_lap_goes_on(tmp_path, monkeypatch):
+    from diffem.tasks.manifold import ManifoldTask
+
+    def broken(self, samples, lap):
+        raise RuntimeError("no memory for the cost matrix")
+
+    monkeypatch.setattr(ManifoldTask, "estep_metrics", broken)
+    EMTrainer(_config(tmp_path, "laps=1"), progress=False).run()
+    record = _records(tmp_path)[1]
+    assert "no memory for the cost matrix" in record["estep_metrics_error"] and "sinkhorn_posterior" not in record
+    assert (lap_dir(tmp_path, 1) / "model_index.json").exists()

@@ -236,7 +236,7 @@ class EMTrainer:
                 f"+-{self.config.estep.discard_outside}); the prior of lap {lap - 1} ({lap_dir(self.run_dir, lap - 1)}) "
                 "is likely broken"
             )
-        estep_metrics = self.task.estep_metrics(samples, lap) if is_scheduled(self.config, lap) else {}
+        estep_metrics = self._estep_metrics(samples, lap)
         start = time.perf_counter()
         model, stats = self.mstep(lap, samples)
         record = {
@@ -253,6 +253,18 @@ class EMTrainer:
                                                         samples.min(), samples.max())] if len(samples) else None,
         } | estep_metrics | stats
         return self._finish_lap(lap, model, record)
+
+    def _estep_metrics(self, samples: torch.Tensor, lap: int) -> dict:
+        """The task's metrics of the E-step samples at evaluated laps, on the main process only (only
+        it writes the record; the others go on to the M-step). A failure is recorded, never raised:
+        a metric must not stop the run before its M-step."""
+        if not (is_scheduled(self.config, lap) and self.accelerator.is_main_process):
+            return {}
+        try:
+            return self.task.estep_metrics(samples, lap)
+        except Exception as e:  # noqa: BLE001 - recorded in the lap's record
+            logger.warning(f"lap {lap}: the E-step samples' metrics failed: {e!r}", main_process_only=True)
+            return {"estep_metrics_error": repr(e)}
 
     # -- after a lap -------------------------------------------------------------------------------
     def _finish_lap(self, lap: int, model, record: dict) -> dict:
