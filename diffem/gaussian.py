@@ -195,11 +195,21 @@ class GaussianPrior(ModelMixin, ConfigMixin):
         a = self.diag + s2  # (B,)
         if self.factor.shape[1] == 0:
             return r / a[:, None]
-        gram = self.factor.mT @ self.factor
-        lam, q = torch.linalg.eigh(gram)
-        w = self.factor @ q  # (d, r), orthogonal columns with squared norms lam
+        w, lam = self._eigenbasis()
         coef = (r @ w) / (a[:, None] + lam)
         return (r - coef @ w.mT) / a[:, None]
+
+    def _eigenbasis(self) -> tuple[Tensor, Tensor]:
+        r"""``(W, \Lambda)``: :math:`U Q` (orthogonal columns) and the eigenvalues of :math:`U^T U = Q \Lambda Q^T`.
+
+        Computed once per value of ``factor`` (the same tensor object, unmodified: ``.to()`` or a
+        new assignment recomputes it), not once per denoiser call or CG iteration."""
+        f = self.factor
+        cached = getattr(self, "_eigen_cache", None)  # (factor, its version, W, Lambda); holds the tensor itself
+        if cached is None or cached[0] is not f or cached[1] != f._version:
+            lam, q = torch.linalg.eigh(f.mT @ f)
+            cached = self._eigen_cache = (f, f._version, f @ q, lam)
+        return cached[2], cached[3]
 
     def conditional_covariance(self, u: Tensor, sigma) -> Tensor:
         r"""The exact :math:`\mathbb{V}[x \mid x_t]\, u` of this Gaussian for :math:`x_t = x + \sigma z`.
