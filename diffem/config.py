@@ -24,6 +24,7 @@ __all__ = [
     "EvalConfig",
     "HubConfig",
     "ConfigError",
+    "TRAIN_ON",
     "load_config",
     "experiments_dir",
     "config_to_dict",
@@ -119,6 +120,10 @@ class HubConfig:
     license: str = "mit"  #: the model card's license
 
 
+#: The values of ``train_on`` (:class:`EMConfig`): EM, then the references without an E-step.
+TRAIN_ON = ("posterior", "clean", "observed")
+
+
 @dataclass
 class EMConfig:
     """A whole EM run.
@@ -134,6 +139,12 @@ class EMConfig:
     timeout_minutes: float = 60.0  #: process-group timeout (accelerate InitProcessGroupKwargs)
     output_dir: str = ""  #: default: runs/<experiment>-<profile>
     laps: int = 8
+    #: what the M-step trains on: "posterior" (EM: E-step posterior samples, the method), or a
+    #: reference without an E-step and without lap 0: "clean" (the oracle: the clean signals
+    #: behind the observations, ground truth a real user does not have) or "observed" (naive:
+    #: A^T y, the observations as if they were clean; a mask's deleted pixels are 0, mid-grey
+    #: in [-2, 2] units)
+    train_on: str = "posterior"
     data: dict = field(default_factory=dict)
     network: dict = field(default_factory=dict)
     lap0: LapZeroConfig = field(default_factory=LapZeroConfig)
@@ -148,6 +159,9 @@ class EMConfig:
 
         checks = [
             ("laps", self.laps >= 0, "must be >= 0"),
+            ("train_on", self.train_on in TRAIN_ON, f"must be one of {', '.join(TRAIN_ON)}, got {self.train_on!r}"),
+            ("laps", self.train_on == "posterior" or self.laps >= 1,
+             f"must be >= 1 with train_on={self.train_on!r} (a reference run has no lap 0)"),
             ("seed", self.seed >= 0, "must be >= 0"),
             ("precision", self.precision in ("fp32", "bf16"),
              f"must be fp32 or bf16, got {self.precision!r} (fp16 is refused: the denoising loss weights "

@@ -145,9 +145,19 @@ class EMTrainer:
             path.write_text(yaml.safe_dump(config_to_dict(self.config), sort_keys=False))
         acc.wait_for_everyone()
 
+    @property
+    def is_reference(self) -> bool:
+        """A reference run (``train_on`` "clean" or "observed"): no lap 0 and no E-step; every lap's
+        M-step trains on the task's fixed :meth:`~diffem.tasks.Task.training_signals`."""
+        return self.config.train_on != "posterior"
+
+    def run_laps(self) -> list[int]:
+        """The laps of the run: 0 (the Gaussian) to ``laps`` for EM, 1 to ``laps`` for a reference run."""
+        return list(range(1 if self.is_reference else 0, self.config.laps + 1))
+
     def laps_done(self) -> list[int]:
         """Laps whose pipeline folder is complete."""
-        return [k for k in range(self.config.laps + 1) if is_complete(lap_dir(self.run_dir, k))]
+        return [k for k in self.run_laps() if is_complete(lap_dir(self.run_dir, k))]
 
     def observations(self) -> ObservationSet:
         """The observation set, built once by the main process (the others wait, then read it)."""
@@ -189,7 +199,7 @@ class EMTrainer:
         for lap in sorted(done):
             if needs_evaluation(self.config, records.get(lap), lap):
                 out.append(self.evaluate(lap))
-        ran = [lap for lap in range(self.config.laps + 1) if lap not in done]
+        ran = [lap for lap in self.run_laps() if lap not in done]
         for lap in ran:
             out.append(self.lap0(obs) if lap == 0 else self.lap(lap, obs))
         if ran:  # the last lap's evaluated record (and any upload that failed) reaches the Hub too
@@ -224,7 +234,9 @@ class EMTrainer:
         return mstep_steps(self.config.mstep, n)
 
     def lap(self, lap: int, obs: ObservationSet) -> dict:
-        """E-step then M-step; then save, record and evaluate the lap."""
+        """E-step then M-step (a reference run: the M-step alone); then save, record and evaluate the lap."""
+        if self.is_reference:
+            return self.reference_lap(lap, obs)
         start = time.perf_counter()
         samples = self.estep(lap, obs)
         estep_time = time.perf_counter() - start
@@ -252,6 +264,16 @@ class EMTrainer:
             "estep_sample_moments": [float(v) for v in (samples.double().mean(), samples.double().std(),
                                                         samples.min(), samples.max())] if len(samples) else None,
         } | estep_metrics | stats
+        return self._finish_lap(lap, model, record)
+
+    def reference_lap(self, lap: int, obs: ObservationSet) -> dict:
+        """A reference run's lap: the M-step on the task's fixed training signals (``train_on``), with
+        the same network, steps, schedule, augmentation and evaluation as EM's laps."""
+        samples = self.task.training_signals(obs)
+        start = time.perf_counter()
+        model, stats = self.mstep(lap, samples)
+        record = {"lap": lap, "train_on": self.config.train_on, "estep_time_s": 0.0,
+                  "mstep_time_s": time.perf_counter() - start, "observations": len(obs)} | stats
         return self._finish_lap(lap, model, record)
 
     def _estep_metrics(self, samples: torch.Tensor, lap: int) -> dict:

@@ -100,6 +100,38 @@ class Task:
         """
         return None
 
+    def clean_signals(self) -> Tensor:
+        """The clean signals ``(N, *event_shape)`` behind the ``N`` observations, in data units
+        (``train_on: clean``, the oracle reference: ground truth a real user does not have).
+
+        Raises:
+            ConfigError: if the experiment has no ground truth to train on.
+        """
+        raise ConfigError(f"config key `train_on`: the {self.name} experiment has no clean signals to train on")
+
+    def training_signals(self, obs: ObservationSet) -> Tensor:
+        """What the M-step trains on at every lap of a reference run (``config.train_on``), ``(N, *event_shape)``.
+
+        - ``"clean"``: :meth:`clean_signals` (the oracle);
+        - ``"observed"``: :math:`A^T y`, the observations as if they were clean (naive training; for a
+          mask, the deleted pixels are 0).
+
+        Raises:
+            ConfigError: for ``train_on: posterior`` (EM trains on E-step samples) or an unknown value.
+            ValueError: if the result's shape is not ``(N, *obs.event_shape)``.
+        """
+        kind = self.config.train_on
+        if kind == "clean":
+            x = self.clean_signals()
+        elif kind == "observed":
+            x = obs.operator.T(obs.y)
+        else:
+            raise ConfigError(f"config key `train_on`: {kind!r} has no fixed training signals (EM trains on posterior samples)")
+        expected = (len(obs), *obs.event_shape)
+        if tuple(x.shape) != expected:
+            raise ValueError(f"train_on={kind!r}: the training signals have shape {tuple(x.shape)}, expected {expected}")
+        return x.float()
+
     def estep_metrics(self, samples: Tensor, lap: int) -> dict:
         """Metrics of a lap's E-step posterior samples (those the M-step trains on), computed before
         they are discarded and stored in the lap's record at evaluated laps (default: none)."""

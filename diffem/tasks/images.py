@@ -171,6 +171,10 @@ class ImageTask(Task):
     def backbone(self, seed: int) -> nn.Module:
         return build_backbone(dict(self.net), self.channels, self.size, seed)
 
+    def clean_signals(self) -> Tensor:
+        """The clean images behind the observations (the first ``data.observations`` train images), ``(N, C, H, W)``."""
+        return self.clean_images("train")[: int(self.data["observations"])]
+
     def real_images(self, n: int) -> Tensor | None:
         """Up to ``n`` held-out real images ``(n', C, H, W)`` in [-2, 2] (never observed, not in the
         FID reference), for the real-images row; ``None`` if the task has none (the default)."""

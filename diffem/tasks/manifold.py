@@ -68,6 +68,13 @@ class ManifoldTask(Task):
         ds = load_or_build(Path(cache_dir) / "observations", build).with_format("torch")
         return ObservationSet(ds["y"][:], Projection(ds["matrix"][:]), float(d["noise_std"]), (int(d["features"]),))
 
+    def clean_signals(self) -> Tensor:
+        """The clean points behind the observations, ``(points, features)``."""
+        from ..data import manifold
+
+        d = self.data
+        return manifold.manifold_points(d["points"], d["curve_seed"], "train", features=d["features"])
+
     def ground_truth(self, n: int, split: str = "eval") -> Tensor:
         """Ground-truth points for evaluation only (never given to the trainer)."""
         from ..data import manifold
