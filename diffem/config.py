@@ -91,6 +91,9 @@ class MStepConfig:
     grad_clip: float = 1.0  #: max gradient norm (0: off)
     ema_decay: float = 0.9999  #: EMA decay (diffusers EMAModel, with its (1+n)/(10+n) warm-up)
     augment: bool = False  #: the experiment's data augmentation (CIFAR-10: flips and 1-px shifts)
+    #: ``train_on: ambient``: the further-corruption fraction delta of the observed pixels hidden from
+    #: the network's input at every step (Daras et al. 2023: 0.1 for CIFAR-10)
+    ambient_delta: float = 0.1
     checkpoint_every: int = 500  #: steps between resumable checkpoints
     log_every: int = 50
 
@@ -121,7 +124,7 @@ class HubConfig:
 
 
 #: The values of ``train_on`` (:class:`EMConfig`): EM, then the references without an E-step.
-TRAIN_ON = ("posterior", "clean", "observed")
+TRAIN_ON = ("posterior", "clean", "observed", "ambient")
 
 
 @dataclass
@@ -143,7 +146,8 @@ class EMConfig:
     #: reference without an E-step and without lap 0: "clean" (the oracle: the clean signals
     #: behind the observations, ground truth a real user does not have) or "observed" (naive:
     #: A^T y, the observations as if they were clean; a mask's deleted pixels are 0, mid-grey
-    #: in [-2, 2] units)
+    #: in [-2, 2] units) or "ambient" (Ambient Diffusion's objective on the masked observations,
+    #: with ``mstep.ambient_delta``; mask operators only)
     train_on: str = "posterior"
     data: dict = field(default_factory=dict)
     network: dict = field(default_factory=dict)
@@ -160,6 +164,7 @@ class EMConfig:
         checks = [
             ("laps", self.laps >= 0, "must be >= 0"),
             ("train_on", self.train_on in TRAIN_ON, f"must be one of {', '.join(TRAIN_ON)}, got {self.train_on!r}"),
+            ("mstep.ambient_delta", 0 <= self.mstep.ambient_delta < 1, "must be in [0, 1)"),
             ("laps", self.train_on == "posterior" or self.laps >= 1,
              f"must be >= 1 with train_on={self.train_on!r} (a reference run has no lap 0)"),
             ("seed", self.seed >= 0, "must be >= 0"),

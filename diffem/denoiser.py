@@ -30,7 +30,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-__all__ = ["Denoiser", "DenoisingLoss", "SIGMA_MIN", "SIGMA_MAX", "sigma_of_t", "sample_beta33"]
+__all__ = ["Denoiser", "DenoisingLoss", "AmbientLoss", "SIGMA_MIN", "SIGMA_MAX", "sigma_of_t", "sample_beta33"]
 
 SIGMA_MIN = 1e-3
 SIGMA_MAX = 1e2
@@ -95,13 +95,25 @@ class Denoiser(nn.Module):
         super().__init__()
         self.backbone = backbone
 
-    def forward(self, x_t: Tensor, sigma) -> Tensor:
+    def forward(self, x_t: Tensor, sigma, mask: Tensor | None = None) -> Tensor:
+        """``mask``: for a mask-conditioned backbone (:class:`~diffem.networks.MaskConditionedUNet`)
+        only, the mask ``(B, *event_shape)`` of 0 / 1 it sees ``x_t`` through (default: its
+        sampling mask); ``x_t`` is masked before the skip connection too."""
         sigma = sigma_vector(sigma, x_t)
         s = expand_as(sigma, x_t)
         c_skip = 1 / (s**2 + 1)
         c_out = s / (s**2 + 1).sqrt()
         c_in = 1 / (s**2 + 1).sqrt()
-        out = self.backbone(c_in * x_t, sigma.log())
+        fixed = getattr(self.backbone, "sampling_mask", None)
+        if mask is None and fixed is None:
+            out = self.backbone(c_in * x_t, sigma.log())
+            out = getattr(out, "sample", out)
+            return c_skip * x_t + c_out * out
+        if fixed is None:
+            raise ValueError("`mask` is for a mask-conditioned backbone (MaskConditionedUNet) only")
+        mask = fixed.to(x_t.dtype).expand_as(x_t) if mask is None else mask.to(x_t.dtype)
+        x_t = x_t * mask
+        out = self.backbone(c_in * x_t, sigma.log(), mask=mask)
         out = getattr(out, "sample", out)
         return c_skip * x_t + c_out * out
 
@@ -147,6 +159,48 @@ class Denoiser(nn.Module):
             sigma = sigma_vector(sigma, x)
         x_t = x + expand_as(sigma, x) * noise
         error = (self(x_t, sigma) - x).square().flatten(1).mean(dim=1)
+        return ((1 / sigma**2 + 1) * error).mean()
+
+
+class AmbientLoss(nn.Module):
+    r"""Ambient Diffusion's training objective on masked observations (Daras et al. 2023, Eq. 3.2).
+
+    For an observation :math:`y = A x` (``y``: :math:`A^T y`, zeros where deleted; ``mask``:
+    :math:`A`), a further-corrupted mask :math:`\tilde{A} = B A` (``further``: ``mask`` with an
+    extra fraction :math:`\delta` of the observed pixels removed) and noise :math:`\sigma z`,
+
+    .. math:: \ell = \left(\frac{1}{\sigma^2} + 1\right)
+       \frac{\lVert A \, (d_\theta(\tilde{A}(y + \sigma z), \tilde{A}, \sigma) - y) \rVert^2}{\lVert A \rVert_0}
+
+    averaged over the batch: the network sees the further-corrupted noisy image and is scored on
+    every observed pixel (those it did not see included), with EDM's weighting as
+    :meth:`Denoiser.loss`. Needs a mask-conditioned backbone
+    (:class:`~diffem.networks.MaskConditionedUNet`).
+
+    Shapes: ``y``, ``mask``, ``further``, ``noise``: ``(B, C, H, W)`` (masks of 0 / 1); ``sigma``:
+    ``(B,)`` in data units.
+
+    Raises:
+        ValueError: if the shapes differ.
+
+    References:
+        Daras et al., "Ambient Diffusion: Learning Clean Distributions from Corrupted Data",
+        NeurIPS 2023, arXiv:2305.19256.
+    """
+
+    def __init__(self, denoiser: Denoiser):
+        super().__init__()
+        self.denoiser = denoiser
+
+    def forward(self, y: Tensor, mask: Tensor, further: Tensor, sigma: Tensor, noise: Tensor) -> Tensor:
+        for name, t in (("mask", mask), ("further", further), ("noise", noise)):
+            if t.shape != y.shape:
+                raise ValueError(f"`{name}` must have the shape of `y` {tuple(y.shape)}, got {tuple(t.shape)}")
+        sigma = sigma_vector(sigma, y)
+        x_t = y + expand_as(sigma, y) * noise
+        d = self.denoiser(x_t, sigma, mask=further)
+        mask = mask.to(y.dtype)
+        error = (mask * (d - y)).square().flatten(1).sum(1) / mask.flatten(1).sum(1).clamp(min=1)
         return ((1 / sigma**2 + 1) * error).mean()
 
 

@@ -22,6 +22,7 @@ from diffusers.configuration_utils import register_to_config
 from torch import Tensor, nn
 
 __all__ = ["MLP", "DiT", "unet_config", "build_unet", "UNET_PRESETS", "PixelUnshuffleUNet", "UNSHUFFLE_PRESETS",
+           "MaskConditionedUNet",
            "build_unshuffle_unet"]
 
 
@@ -188,6 +189,69 @@ UNSHUFFLE_PRESETS: dict[str, dict] = {
     "paper": dict(factor=4, block_out_channels=(128, 256, 384, 512), layers_per_block=3, attention_levels=(3,),
                   norm_num_groups=32, dropout=0.1, heads=4),
 }
+
+
+class MaskConditionedUNet(ModelMixin, ConfigMixin):
+    r"""Ambient Diffusion's network: a ``UNet2DModel`` that sees a masked image and its mask.
+
+    The U-Net takes ``(B, 2C, H, W)``, the masked input :math:`\tilde{A} x` and the mask
+    :math:`\tilde{A}` stacked on the channels, and returns ``(B, C, H, W)``. Trained by
+    :class:`~diffem.denoiser.AmbientLoss` with the mask of each training sample's further
+    corruption; at sampling (``mask=None``) it uses its fixed ``sampling_mask`` buffer, one mask
+    of survival probability ``sampling_survival`` drawn from ``sampling_mask_seed`` and shared
+    by every sample (Ambient's fixed-mask sampler, ``same_for_all_batch``), so that samples
+    depend on neither the batch size nor the process count. :class:`~diffem.denoiser.Denoiser`
+    reads that buffer and masks ``x_t`` before its skip connection as well, as Ambient's EDM
+    preconditioning does.
+
+    Its config holds ``sample_size`` and ``in_channels`` of the *image* (``C``), so
+    :func:`diffem.pipeline.event_shape_of` gives ``(C, H, W)``.
+
+    Arguments:
+        sample_size: Image side ``H = W``.
+        in_channels: Image channels ``C``.
+        unet_options: The U-Net's :func:`unet_config` keys besides its channels and size
+            (``preset`` and any override).
+        sampling_survival: Probability that a pixel (all its channels) is kept in the sampling
+            mask, in (0, 1] (Ambient: :math:`(1 - p)(1 - \delta)`).
+        sampling_mask_seed: Seed of the sampling mask.
+
+    Raises:
+        ValueError: if ``sampling_survival`` is outside (0, 1], or the U-Net options are invalid.
+
+    References:
+        Daras et al., "Ambient Diffusion: Learning Clean Distributions from Corrupted Data",
+        NeurIPS 2023, arXiv:2305.19256, Sections 3.2 (training) and 3.3 (fixed-mask sampling).
+    """
+
+    @register_to_config
+    def __init__(self, sample_size: int = 32, in_channels: int = 3, unet_options: dict | None = None,
+                 sampling_survival: float = 0.36, sampling_mask_seed: int = 0):
+        super().__init__()
+        if not 0 < sampling_survival <= 1:
+            raise ValueError(f"`sampling_survival` must be in (0, 1], got {sampling_survival!r}")
+        options = dict(unet_options or {})
+        preset = options.pop("preset", "cpu")
+        config = unet_config(preset, sample_size, in_channels, **options)
+        self.unet = UNet2DModel(**(config | {"in_channels": 2 * in_channels}))
+        g = torch.Generator().manual_seed(int(sampling_mask_seed))
+        keep = (torch.rand((1, 1, sample_size, sample_size), generator=g) < sampling_survival).float()
+        self.register_buffer("sampling_mask", keep.expand(1, in_channels, sample_size, sample_size).clone())
+
+    def forward(self, x: Tensor, c_noise: Tensor, mask: Tensor | None = None) -> Tensor:
+        """``x``: ``(B, C, H, W)``; ``c_noise``: ``(B,)`` float; ``mask``: ``(B, C, H, W)`` of 0 / 1
+        (default: the sampling mask). Returns ``(B, C, H, W)``."""
+        mask = self.sampling_mask.to(x.dtype).expand_as(x) if mask is None else mask.to(x.dtype)
+        return self.unet(torch.cat([x * mask, mask], dim=1), c_noise.to(x.dtype)).sample
+
+
+def build_mask_conditioned_unet(options: dict, channels: int, size: int, seed: int, sampling_survival: float,
+                                sampling_mask_seed: int = 0) -> MaskConditionedUNet:
+    """A freshly initialised :class:`MaskConditionedUNet` of ``network`` options (``preset`` and U-Net
+    overrides), its weights from ``seed``."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return MaskConditionedUNet(size, channels, dict(options), float(sampling_survival), int(sampling_mask_seed))
 
 
 class PixelUnshuffleUNet(ModelMixin, ConfigMixin):

@@ -120,6 +120,21 @@ def probe_eval(config):
     return {k: v for k, v in out.items() if k not in ("eval_time_s", "eval_settings")}, calls, schedule
 
 
+def probe_ambient_mstep(config):
+    """The M-step of a cifar10 ambient run carrying this config's ``mstep.ambient_delta`` (the manifold
+    has no mask operator)."""
+    images = load_config("cifar10", "smoke", overrides=["train_on=ambient", "mstep.steps=2", "mstep.batch_size=4",
+                                                         f"mstep.ambient_delta={config.mstep.ambient_delta}"])
+    images.output_dir = config.output_dir
+    task = get_task(images)
+    g = torch.Generator().manual_seed(0)
+    mask = (torch.rand(8, 1, 32, 32, generator=g) < 0.5).float().expand(8, 3, 32, 32)
+    samples = torch.cat([torch.randn(8, 3, 32, 32, generator=g) * mask, mask], dim=1)
+    backbone = task.ambient_backbone(0, 0.45)
+    model, _ = run_mstep(_accelerator(), images, task, 1, samples, backbone, config.run_dir / "mstep", config.run_dir)
+    return [p.detach().clone() for p in model.parameters()]
+
+
 def probe_accelerator(config):
     kwargs = accelerator_kwargs(config)
     return kwargs["mixed_precision"], kwargs["kwargs_handlers"][0].timeout
@@ -153,6 +168,8 @@ CHANGES = {
     "timeout_minutes": (5.0, probe_accelerator, []),
     "output_dir": ("elsewhere", probe_run_dir, []),
     "laps": (1, probe_laps, []),
+    "train_on": ("clean", probe_laps, []),  # a reference run has no lap 0 (tests/test_references.py runs them)
+    "mstep.ambient_delta": (0.5, probe_ambient_mstep, []),
     "data": ({"points": 64, "features": 4}, probe_task, []),
     "network": ({"hidden": [8, 8]}, probe_task, []),
     "lap0.rank": (1, probe_lap0, []),

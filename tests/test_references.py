@@ -96,6 +96,48 @@ def test_the_report_computes_the_gap_closed_from_the_records(tmp_path):
             if line.startswith("| ")}
     assert rows["EM, MMPS E-step (diffem)"][3:5] == ["75 %", "25 %"]
     assert rows["EM, DPS E-step"][3:5] == ["-25 %", "-25 %"]  # a method below naive is reported as such
-    assert "not implemented" in table.read_text()
+    assert rows["Ambient Diffusion loss"][-1].strip(" |") == "not run"  # no run: said, never filled in
     assert figure.stat().st_size > 0
     assert not (tmp_path / "res").exists()  # smoke runs are not copied to the committed results
+
+
+def test_ambient_loss_sees_only_the_further_corrupted_pixels_and_scores_all_observed_ones():
+    from diffem.denoiser import AmbientLoss, Denoiser
+    from diffem.networks import build_mask_conditioned_unet
+
+    g = torch.Generator().manual_seed(0)
+    net = build_mask_conditioned_unet({"preset": "tiny"}, 3, 16, seed=0, sampling_survival=0.5)
+    loss_fn = AmbientLoss(Denoiser(net))
+    mask = (torch.rand(2, 1, 16, 16, generator=g) < 0.6).float().expand(2, 3, 16, 16)
+    further = mask * (torch.rand(2, 1, 16, 16, generator=g) < 0.8).float()
+    y = torch.randn(2, 3, 16, 16, generator=g) * mask
+    sigma = torch.tensor([0.5, 2.0])
+    noise = torch.randn(2, 3, 16, 16, generator=g).requires_grad_(True)
+    loss = loss_fn(y, mask, further, sigma, noise)
+    (grad,) = torch.autograd.grad(loss, noise)
+    assert float(grad[further == 0].abs().max()) == 0.0  # the network never sees a hidden pixel
+    assert float(grad[further == 1].abs().max()) > 0.0
+    # the loss is taken on every observed pixel, the hidden ones included, and on no deleted one
+    d = Denoiser(net)(y + sigma[:, None, None, None] * noise.detach(), sigma, mask=further)
+    expected = ((mask * (d - y)).square().flatten(1).sum(1) / mask.flatten(1).sum(1) * (1 / sigma**2 + 1)).mean()
+    assert torch.allclose(loss, expected)
+    with pytest.raises(ValueError, match="further"):
+        loss_fn(y, mask, further[:, :1], sigma, noise)
+
+
+def test_an_ambient_run_saves_a_mask_conditioned_prior_that_samples_through_the_pipeline(tmp_path):
+    from diffem.networks import MaskConditionedUNet
+    from diffem.pipeline import DiffusionPriorPipeline
+
+    assert cli_main(["train", "cifar10", "--profile", "smoke", "--output-dir", str(tmp_path), "--no-progress",
+                     "--set", *FAST, "train_on=ambient", "data.drop_prob=0.5"]) == 0
+    pipe = DiffusionPriorPipeline.from_pretrained(tmp_path / "lap_01")
+    assert isinstance(pipe.unet, MaskConditionedUNet) and pipe.event_shape == (3, 32, 32)
+    obs = get_task(_config(tmp_path, "train_on=ambient", "data.drop_prob=0.5")).observations(tmp_path)
+    observed = float(obs.operator.mask.float().mean())
+    assert pipe.unet.config.sampling_survival == pytest.approx(observed * 0.9)
+    kept = float(pipe.unet.sampling_mask.mean())
+    assert abs(kept - observed * 0.9) < 0.05  # 1,024 pixels drawn with that probability
+    gens = [torch.Generator().manual_seed(i) for i in range(2)]
+    x = pipe(2, 3, gens, progress=False).samples
+    assert x.shape == (2, 3, 32, 32) and bool(torch.isfinite(x).all())

@@ -18,6 +18,10 @@ global batch of ``mstep.batch_size`` samples split over the processes.
   inside ``torch.random.fork_rng`` seeded per (lap, step, process), so its masks depend on
   the process count (networks without dropout train identically), and the caller's
   global RNG is left untouched.
+- ``train_on: ambient``: the samples are observations and masks stacked on the channels
+  (:meth:`~diffem.tasks.Task.training_signals`), augmented together; each step hides a further
+  fraction ``mstep.ambient_delta`` of every sample's observed pixels (drawn after the noise, from
+  the same generator) and trains with :class:`~diffem.denoiser.AmbientLoss`.
 - Precision: the objective is prepared by the accelerator, so its forward pass runs
   under the run's ``precision`` (autocast); weights, optimizer and EMA stay float32.
 - A non-finite loss or gradient norm stops the lap with :class:`NonFiniteLossError`
@@ -37,7 +41,7 @@ from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
 from ..config import EMConfig, MStepConfig
-from ..denoiser import Denoiser, DenoisingLoss
+from ..denoiser import AmbientLoss, Denoiser, DenoisingLoss
 from ..random import derive_seed
 from .checkpoint import MStepCheckpoint
 from .seeds import MSTEP
@@ -115,7 +119,8 @@ def run_mstep(accelerator, config: EMConfig, task, lap: int, samples: torch.Tens
     lo = acc.process_index * per_process
     local = slice(lo, lo + per_process)
     backbone.train()
-    objective = DenoisingLoss(Denoiser(backbone))
+    ambient = config.train_on == "ambient"
+    objective = AmbientLoss(Denoiser(backbone)) if ambient else DenoisingLoss(Denoiser(backbone))
     optimizer = torch.optim.Adam(backbone.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     total = mstep_steps(cfg, n)
     ema = EMAModel(backbone.parameters(), decay=cfg.ema_decay)
@@ -139,8 +144,15 @@ def run_mstep(accelerator, config: EMConfig, task, lap: int, samples: torch.Tens
             torch.manual_seed(derive_seed(config.seed, MSTEP, lap, step, acc.process_index, 1))  # dropout only
             idx = torch.randint(0, n, (cfg.batch_size,), generator=g)
             x = task.augment(samples[idx.to(samples.device)], g)
-            sigma, z = Denoiser.draw_noise(x, g)
-            loss = objective(x[local], sigma=sigma[local], noise=z[local])
+            if ambient:  # (y, mask) stacked on the channels; the further corruption drawn per pixel
+                c = x.shape[1] // 2
+                y, mask = x[:, :c], x[:, c:]
+                sigma, z = Denoiser.draw_noise(y, g)
+                keep = (torch.rand((len(y), 1, *y.shape[2:]), generator=g) >= cfg.ambient_delta).to(y.device, y.dtype)
+                loss = objective(y[local], mask[local], (mask * keep)[local], sigma[local], z[local])
+            else:
+                sigma, z = Denoiser.draw_noise(x, g)
+                loss = objective(x[local], sigma=sigma[local], noise=z[local])
             optimizer.zero_grad(set_to_none=True)
             acc.backward(loss)
         norm = acc.clip_grad_norm_(objective.parameters(), cfg.grad_clip) if cfg.grad_clip > 0 else None

@@ -221,7 +221,13 @@ class EMTrainer:
 
     def mstep(self, lap: int, samples: torch.Tensor) -> tuple[torch.nn.Module, dict]:
         """Train on the posterior samples (see :func:`diffem.em.mstep.run_mstep`)."""
-        if lap == 1:
+        if lap == 1 and self.config.train_on == "ambient":
+            # Ambient's fixed-mask sampler keeps each pixel with probability (1 - p)(1 - delta), p the
+            # observations' deleted fraction.
+            observed = float(samples[:, samples.shape[1] // 2:].mean())
+            survival = observed * (1 - self.config.mstep.ambient_delta)
+            backbone = self.task.ambient_backbone(derive_seed(self.config.seed, INIT), survival)
+        elif lap == 1:
             backbone = self.task.backbone(derive_seed(self.config.seed, INIT))
         else:
             backbone = self.load_lap(lap - 1).unet

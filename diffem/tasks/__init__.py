@@ -109,12 +109,22 @@ class Task:
         """
         raise ConfigError(f"config key `train_on`: the {self.name} experiment has no clean signals to train on")
 
+    def ambient_backbone(self, seed: int, sampling_survival: float) -> nn.Module:
+        """A fresh mask-conditioned backbone (``train_on: ambient``); see :class:`~diffem.networks.MaskConditionedUNet`.
+
+        Raises:
+            ConfigError: if the experiment has none.
+        """
+        raise ConfigError(f"config key `train_on`: the {self.name} experiment has no mask-conditioned network")
+
     def training_signals(self, obs: ObservationSet) -> Tensor:
         """What the M-step trains on at every lap of a reference run (``config.train_on``), ``(N, *event_shape)``.
 
         - ``"clean"``: :meth:`clean_signals` (the oracle);
         - ``"observed"``: :math:`A^T y`, the observations as if they were clean (naive training; for a
-          mask, the deleted pixels are 0).
+          mask, the deleted pixels are 0);
+        - ``"ambient"``: :math:`A^T y` and the mask :math:`A` stacked on the channels,
+          ``(N, 2C, H, W)`` (mask operators only), for :class:`~diffem.denoiser.AmbientLoss`.
 
         Raises:
             ConfigError: for ``train_on: posterior`` (EM trains on E-step samples) or an unknown value.
@@ -125,6 +135,13 @@ class Task:
             x = self.clean_signals()
         elif kind == "observed":
             x = obs.operator.T(obs.y)
+        elif kind == "ambient":
+            mask = getattr(obs.operator, "mask", None)
+            if mask is None:
+                raise ConfigError(f"config key `train_on`: 'ambient' needs a mask operator, the {self.name} "
+                                  f"experiment's is {type(obs.operator).__name__}")
+            y = obs.operator.T(obs.y)
+            return torch.cat([y, mask.expand_as(y).to(y.dtype)], dim=1).float()
         else:
             raise ConfigError(f"config key `train_on`: {kind!r} has no fixed training signals (EM trains on posterior samples)")
         expected = (len(obs), *obs.event_shape)

@@ -187,6 +187,9 @@ class Cifar10Task(ImageTask):
         return build_backbone(dict(kind="unet", preset=self.net["preset"]) | self._unet_overrides(),
                               self.channels, self.size, seed)
 
+    def _backbone_options(self) -> dict:
+        return dict(kind="unet", preset=self.net["preset"]) | self._unet_overrides()
+
     def augment(self, x: Tensor, generator: torch.Generator) -> Tensor:
         """Flips and 1-pixel shifts (:func:`random_flip_shift`) when ``mstep.augment`` is on."""
         if not self.config.mstep.augment:

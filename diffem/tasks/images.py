@@ -171,6 +171,18 @@ class ImageTask(Task):
     def backbone(self, seed: int) -> nn.Module:
         return build_backbone(dict(self.net), self.channels, self.size, seed)
 
+    def ambient_backbone(self, seed: int, sampling_survival: float) -> nn.Module:
+        """The U-Net of ``network`` (``kind: unet`` only) as a :class:`~diffem.networks.MaskConditionedUNet`."""
+        from ..networks import build_mask_conditioned_unet
+
+        options = {k: v for k, v in self._backbone_options().items() if v is not None}
+        if options.pop("kind", "unet") != "unet":
+            raise ConfigError("config key `network.kind`: `train_on: ambient` needs a U-Net ('unet')")
+        return build_mask_conditioned_unet(options, self.channels, self.size, seed, sampling_survival)
+
+    def _backbone_options(self) -> dict:
+        return dict(self.net)
+
     def clean_signals(self) -> Tensor:
         """The clean images behind the observations (the first ``data.observations`` train images), ``(N, C, H, W)``."""
         return self.clean_images("train")[: int(self.data["observations"])]

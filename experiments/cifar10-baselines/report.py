@@ -58,7 +58,11 @@ METHODS = {
               "pixels 0 (mid-grey in [-2, 2] units): no E-step, no lap 0 (the floor EM must beat)"),
     "em-dps": ("EM, DPS E-step", "EM whose E-step is DPS (EMDiffusion's E-step, Bai et al. 2024) through "
                "`DPSGuidance`, from the lap-0 Gaussian (not EMDiffusion's 50 clean images)"),
-    "ambient": ("Ambient Diffusion loss", "Daras et al. 2023's further-corruption objective"),
+    "ambient": ("Ambient Diffusion loss", "Daras et al. 2023's objective (`train_on: ambient`, "
+                "`diffem.denoiser.AmbientLoss`): the U-Net also sees the mask (6 input channels), a further "
+                "delta = 0.1 of the observed pixels is hidden from its input at every step and the loss is taken on "
+                "all observed pixels; sampled with Ambient's fixed-mask sampler (one mask of survival "
+                "(1 - p)(1 - delta) shared by the samples); no E-step, no lap 0"),
     "em-mmps": ("EM, MMPS E-step (diffem)", "the project's method: the cifar10 experiment's run at the level"),
 }
 #: Published CIFAR-10 numbers (method, level, FID, protocol).
@@ -71,7 +75,7 @@ PUBLISHED = [
     ("EMDiffusion (Bai et al. 2024)", 0.6, 21.08, "EM with a DPS E-step started from 50 clean images; 50k samples "
      "against the train set (Bai et al. 2024, Table 1)"),
 ]
-NOT_IMPLEMENTED = {"ambient": "not implemented yet (issue 25)"}
+NOT_IMPLEMENTED: dict[str, str] = {}
 SHOWN = 16  # prior samples per method in the figure
 
 
@@ -82,6 +86,8 @@ def method_of(config: dict) -> str:
         return "oracle"
     if train_on == "observed":
         return "naive"
+    if train_on == "ambient":
+        return "ambient"
     guidance = config.get("estep", {}).get("guidance", "mmps")
     return {"dps": "em-dps", "mmps": "em-mmps"}.get(guidance, f"em-{guidance}")
 
@@ -128,7 +134,7 @@ def collect(run_dirs: list[Path], results_dir: Path, em_results: Path, profile: 
         p = float(config["data"]["drop_prob"])
         found[(method, p)] = Row(method, p, run_dir, config, records, source="run")
     wanted = [("oracle", oracle_level)] + [("naive", p) for p in naive_levels]
-    wanted += [(m, p) for m in ("em-dps", "em-mmps") for p in levels]
+    wanted += [(m, p) for m in ("em-dps", "ambient", "em-mmps") for p in levels]
     for method, p in wanted:
         if (method, p) in found:
             continue

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# References for the CIFAR-10 table at equal compute (oracle, naive, EM with a DPS E-step, EM
-# with MMPS), then tables/cifar10_baselines.md and figures/cifar10_baselines.png.
+# References for the CIFAR-10 table at equal compute (oracle, naive, Ambient Diffusion's loss,
+# EM with a DPS E-step, EM with MMPS), then tables/cifar10_baselines.md and figures/cifar10_baselines.png.
 #
 #   bash experiments/cifar10-baselines/run.sh [PROFILE] [extra `diffem train` arguments, e.g. --set key=value ...]
 #   (or: bash reproduce.sh cifar10-baselines [--profile PROFILE])
@@ -50,6 +50,9 @@ for method in $methods; do
                    plan+=("naive $p $run_root/cifar10-baselines-$profile-naive-$(tag "$p") train_on=observed ${reference_sets[*]-}")
                done ;;
         em-mmps) for p in $levels; do plan+=("em-mmps $p $run_root/cifar10-$base-$(tag "$p")"); done ;;
+        ambient) for p in $levels; do
+                     plan+=("ambient $p $run_root/cifar10-baselines-$profile-ambient-$(tag "$p") train_on=ambient ${reference_sets[*]-}")
+                 done ;;
         em-dps)
             if [ -z "$dps_zeta" ]; then
                 echo "run.sh: em-dps needs \`dps_zeta\` in $overlay (or DPS_ZETA=...): python experiments/cifar10-baselines/dps_zeta.py" >&2
@@ -58,7 +61,7 @@ for method in $methods; do
             for p in $levels; do
                 plan+=("em-dps $p $run_root/cifar10-baselines-$profile-em-dps-$(tag "$p") estep.guidance=dps estep.dps_zeta=$dps_zeta")
             done ;;
-        *) echo "run.sh: unknown method '$method' (oracle, naive, em-mmps, em-dps)" >&2; exit 2 ;;
+        *) echo "run.sh: unknown method '$method' (oracle, naive, ambient, em-mmps, em-dps)" >&2; exit 2 ;;
     esac
 done
 
