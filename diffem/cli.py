@@ -53,7 +53,7 @@ def _train(args) -> int:
     if args.dry_run:
         print(yaml.safe_dump(config_to_dict(config) | {"run_dir": str(config.run_dir)}, sort_keys=False), end="")
         return 0
-    from .em import run_em
+    from .train import run_em
 
     run_em(config, progress=not args.no_progress)
     return 0
@@ -63,7 +63,8 @@ def _evaluate(args) -> int:
     from pathlib import Path
 
     from .config import config_from_dict
-    from .em import EMTrainer, make_accelerator
+    from .em import make_accelerator
+    from .train import make_trainer
 
     run_dir = Path(args.run_dir)
     if not (run_dir / "config.yaml").exists():
@@ -84,7 +85,7 @@ def _evaluate(args) -> int:
     config = config_from_dict(data)
     config.output_dir = str(run_dir)
     accelerator = make_accelerator(config)
-    trainer = EMTrainer(config, accelerator, progress=not args.no_progress)
+    trainer = make_trainer(config, accelerator, progress=not args.no_progress)
     done = trainer.laps_done()
     if not done:
         raise FileNotFoundError(f"`{run_dir}` has no finished lap (no lap_KK/ checkpoint) to evaluate")

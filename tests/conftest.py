@@ -51,3 +51,79 @@ def pytest_unconfigure(config):
 def session_cache() -> Path:
     """The session's cache root; ``session_cache / "diffem"`` is diffem's default cache folder."""
     return SESSION_CACHE_ROOT
+
+
+class _PoisonedData(dict):
+    """A task's ``data`` options whose evaluation-only keys raise when read."""
+
+    def __init__(self, data: dict, keys):
+        super().__init__(data)
+        self.poisoned = set(keys)
+
+    def _check(self, key):
+        if key in self.poisoned:
+            raise AssertionError(f"training read the evaluation-only key `data.{key}`")
+
+    def __getitem__(self, key):
+        self._check(key)
+        return super().__getitem__(key)
+
+    def get(self, key, default=None):
+        self._check(key)
+        return super().get(key, default)
+
+
+@pytest.fixture
+def poison_eval_keys():
+    """``poison_eval_keys(trainer)``: from now on, reading any of the trainer's task's evaluation-only
+    data keys (``Task.eval_data_keys``, which a resumed run may change) fails the test. Use with
+    ``eval.samples=0``: what then runs is training alone."""
+
+    def poison(trainer):
+        task = trainer.task
+        assert task.eval_data_keys, f"{type(task).__name__} has no evaluation-only keys to poison"
+        task.data = _PoisonedData(task.data, task.eval_data_keys)
+        return trainer
+
+    return poison
+
+
+class CliResult:
+    """What :func:`run_cli` returns: the exit code and what the command printed."""
+
+    def __init__(self, returncode: int, stdout: str, stderr: str):
+        self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
+
+
+def run_cli(*args: str) -> CliResult:
+    """``diffem ARGS`` in this process (:func:`diffem.cli.main`), with its stdout and stderr captured;
+    for tests where the process itself is not the point (kill -9, launchers and bash keep theirs)."""
+    import contextlib
+    import io
+
+    from diffem.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(list(map(str, args)))
+        except SystemExit as e:  # argparse errors
+            code = e.code if isinstance(e.code, int) else 2
+    return CliResult(code, out.getvalue(), err.getvalue())
+
+
+@pytest.fixture
+def cli():
+    """:func:`run_cli` as a fixture."""
+    return run_cli
+
+
+def load_script(path, name: str):
+    """A script (``experiments/<name>/report.py``, ``benchmarks/*.py``) as a module, to call its ``main(argv)``
+    in this process."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

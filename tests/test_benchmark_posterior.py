@@ -104,9 +104,11 @@ def test_exact_part_end_to_end(bench, tmp_path):
             for steps in (1, 2):
                 assert (task, method, steps) in rows
         assert (task, "mmps", 5) in rows and (task, "dps", 5) not in rows  # --long-methods
-        assert data["floors"][task]["w2"] > 0
     for r in data["results"]:
-        assert r["finite"] and r["w2"] > 0 and r["mean_rel_error"] > 0 and r["cov_error"] >= 0
+        assert r["finite"]
+        if r["steps"] == 1:  # one sampler step is far from exact: above the finite-sample floor of exact samples
+            floor = data["floors"][r["task"]]
+            assert r["w2"] > floor["w2"] and r["mean_rel_error"] > floor["mean_rel_error"], r
     table = out["table"].read_text()
     assert all(label in table for label in bench.TASK_LABELS.values())
     assert "not run" in table.lower() and "Appendix E" in table

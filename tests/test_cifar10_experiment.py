@@ -2,18 +2,17 @@
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import datasets
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import load_script
 
 from diffem.config import ConfigError, load_config
 from diffem.data.cifar10 import DEFAULT_CIFAR10_ARCHIVE
-from diffem.em import EMTrainer
+from diffem.train import make_trainer
 from diffem.observations import ObservationSet
 from diffem.runs import lap_dir
 from diffem.tasks import get_task
@@ -30,7 +29,7 @@ needs_data = pytest.mark.skipif(
 def smoke_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("cifar10-smoke")
     config = load_config("cifar10", "smoke", overrides=[f"output_dir={out}"])
-    records = EMTrainer(config, progress=False).run()
+    records = make_trainer(config, progress=False).run()
     return out, config, records
 
 
@@ -49,7 +48,7 @@ def test_smoke_profile_end_to_end(smoke_run):
     evaluated = [r for r in records if "fid" in r]
     assert [r["lap"] for r in evaluated] == [0, 2]
     for r in evaluated:
-        assert 0 < r["fid"] < float("inf") and r["isc"] is None
+        assert r["isc"] is None
         assert r["fid_reference_set"] == "cifar10-train-jpeg"
         assert (r["fid_samples"], r["fid_reference"]) == (16, 32)
         # KID (unbiased, subsets of all 16 samples) and the real-images row: 16 held-out test
@@ -57,15 +56,20 @@ def test_smoke_profile_end_to_end(smoke_run):
         assert (r["kid_subset_size"], r["kid_subsets"]) == (16, 100) and r["kid_std"] >= 0
         assert r["real_images"] == 16 and r["real_images_set"] == "cifar10-test-jpeg"
         assert r["real_kid_subset_size"] == 16 and 0 < r["real_fid"] < r["fid"] and r["real_kid"] < r["kid"]
-        assert r["psnr_posterior_mean"] > 0 and r["psnr_observation"] > 0
         art = torch.load(out / "eval" / f"lap_{r['lap']:02d}.pt")
         assert art["prior"].shape == (16, 3, 32, 32) and art["posterior"].shape == (4, 3, 32, 32)
+    # The metrics can fail: FID of real images is below FID of noise images; lap 0's posterior mean
+    # (the Gaussian's, close to exact) is nearer the clean images than the zero-filled observations.
+    task = get_task(config)
+    noise = torch.rand(16, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 4 - 2
+    assert evaluated[0]["real_fid"] < task.image_set_metrics(noise, "cpu")["fid"]
+    assert evaluated[0]["psnr_posterior_mean"] > evaluated[0]["psnr_observation"]
     real = json.loads((out / "eval" / "real_images.json").read_text())
     assert real["metrics"]["real_fid"] == evaluated[0]["real_fid"] == evaluated[1]["real_fid"]
     assert real["key"]["reference"] == "cifar10-train-jpeg-32"
     assert records[2]["mstep_steps"] == 8 and records[2]["discarded_samples"] == 0
     assert not (out / "work" / "lap_02").exists()
-    assert EMTrainer(config, progress=False).run() == []  # a finished run does nothing
+    assert make_trainer(config, progress=False).run() == []  # a finished run does nothing
 
 
 @needs_data
@@ -96,12 +100,9 @@ def test_observed_images_span_the_classes(smoke_run):
 def test_report_on_the_smoke_run(smoke_run, tmp_path):
     out = smoke_run[0]
     table, post, samples, results = (tmp_path / n for n in ("t.md", "post.png", "samples.png", "results"))
-    proc = subprocess.run(
-        [sys.executable, "experiments/cifar10/report.py", str(out), str(tmp_path / "missing-run"), "--table", str(table),
-         "--posterior-figure", str(post), "--samples-figure", str(samples), "--results-dir", str(results)],
-        cwd=ROOT, capture_output=True, text=True, env=os.environ | {"OMP_NUM_THREADS": "1"},
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = load_script(ROOT / "experiments" / "cifar10" / "report.py", "cifar10_report")
+    assert report.main([str(out), str(tmp_path / "missing-run"), "--table", str(table), "--posterior-figure", str(post),
+                        "--samples-figure", str(samples), "--results-dir", str(results)]) == 0
     text = table.read_text()
     assert "| 50 % | done |" in text
     assert "| 25 % | not run |" in text and "| 75 % | not run |" in text
@@ -186,12 +187,9 @@ def test_bad_config_fails_before_work(tmp_path, override, key):
     assert not any(tmp_path.iterdir())
 
 
-def test_cli_rejects_a_bad_level_before_work(tmp_path):
+def test_cli_rejects_a_bad_level_before_work(tmp_path, cli):
     out = tmp_path / "run"
-    proc = subprocess.run(
-        [sys.executable, "-m", "diffem.cli", "train", "cifar10", "--profile", "smoke", "--output-dir", str(out),
-         "--set", "data.drop_prob=1.5"], cwd=ROOT, capture_output=True, text=True,
-    )
+    proc = cli("train", "cifar10", "--profile", "smoke", "--output-dir", out, "--set", "data.drop_prob=1.5")
     assert proc.returncode == 2 and "data.drop_prob" in proc.stderr
     assert not out.exists()
 
@@ -211,7 +209,7 @@ def test_profiles_resolve():
 
 
 @needs_data
-def test_paper_profile_runs_one_step(tmp_path):
+def test_paper_profile_runs_one_step(tmp_path, poison_eval_keys):
     """The `paper` profile's own network, optimizer and samplers, shrunk to one M-step step."""
     overrides = [
         f"output_dir={tmp_path}", "laps=1",
@@ -223,7 +221,7 @@ def test_paper_profile_runs_one_step(tmp_path):
     ]
     config = load_config("cifar10", "paper", overrides=overrides)
     assert (config.lap0.maxiter, config.lap0.tol) == (65, 1e-3)  # lap 0's CG runs to the authors' tolerance
-    records = EMTrainer(config, progress=False).run()
+    records = poison_eval_keys(make_trainer(config, progress=False)).run()  # training never reads eval keys
     assert [r["lap"] for r in records] == [0, 1]
     assert records[1]["mstep_steps"] == 1
     unet = json.loads((lap_dir(tmp_path, 1) / "unet" / "config.json").read_text())

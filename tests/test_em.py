@@ -3,7 +3,6 @@
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,7 +14,7 @@ from safetensors.torch import load_file
 
 from diffem.cli import main as cli_main
 from diffem.config import ConfigError, load_config
-from diffem.em import EMTrainer, describe_hardware
+from diffem.train import make_trainer
 from diffem.observations import ObservationSet
 from diffem.runs import lap_dir
 from diffem.tasks import get_task
@@ -37,12 +36,16 @@ def _weights(run: Path, lap: int) -> dict:
 
 def test_two_laps_end_to_end(tmp_path):
     config = load_config("manifold", "smoke", overrides=[f"output_dir={tmp_path}"])
-    records = EMTrainer(config, progress=False).run()
+    records = make_trainer(config, progress=False).run()
     assert [r["lap"] for r in records] == [0, 1, 2]
+    # The metric can tell the truth from the lap-0 Gaussian: held-out truth scores below it.
+    task = get_task(config)
+    truth, _ = task.divergence(task.ground_truth(config.eval.samples, "train"))
+    assert truth < records[0]["sinkhorn"]
     for r in records:
-        assert r["sinkhorn"] > 0 and r["estep_time_s"] >= 0
-        # Wall times are only meaningful with the machine they were measured on.
-        assert r["hardware"].startswith("1 process(es) on ") and r["hardware"] == describe_hardware()
+        # Wall times are only meaningful with the machine they were measured on: its cores and threads.
+        assert r["hardware"].startswith("1 process(es) on CPU only: ")
+        assert f"{os.cpu_count()} cores" in r["hardware"] and f"{torch.get_num_threads()} torch threads" in r["hardware"]
     assert (tmp_path / "config.yaml").exists()
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(l)["lap"] for l in lines] == [0, 1, 2]
@@ -50,7 +53,7 @@ def test_two_laps_end_to_end(tmp_path):
         assert (lap_dir(tmp_path, k) / "model_index.json").exists()
     assert not (tmp_path / "work" / "lap_01").exists()  # scratch removed once a lap is saved
     # Rerunning a finished run does nothing and loses nothing.
-    assert EMTrainer(config, progress=False).run() == []
+    assert make_trainer(config, progress=False).run() == []
     assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 3
 
 
@@ -67,13 +70,13 @@ def test_ground_truth_never_reaches_the_trainer(tmp_path):
 
 def test_estep_does_not_depend_on_batch_size(tmp_path):
     base = load_config("manifold", "smoke", overrides=[f"output_dir={tmp_path}"] + FAST)
-    trainer = EMTrainer(base, progress=False)
+    trainer = make_trainer(base, progress=False)
     trainer._prepare_run_dir()
     obs = trainer.observations()
     trainer.lap0(obs)
     a = trainer.estep(1, obs)
     other = load_config("manifold", "smoke", overrides=[f"output_dir={tmp_path / 'b'}"] + FAST + ["estep.batch_size=64"])
-    t2 = EMTrainer(other, progress=False)
+    t2 = make_trainer(other, progress=False)
     t2.run_dir, t2.work_dir = tmp_path, tmp_path / "work-b"
     b = t2.estep(1, obs)
     assert torch.isfinite(a).all()
@@ -81,10 +84,10 @@ def test_estep_does_not_depend_on_batch_size(tmp_path):
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="uses SIGKILL")
-def test_kill_and_resume_gives_the_same_prior(tmp_path):
+def test_kill_and_resume_gives_the_same_prior(tmp_path, cli):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     full, killed = tmp_path / "full", tmp_path / "killed"
-    subprocess.run(_cli(full, *FAST), check=True, env=env, cwd=ROOT, capture_output=True)
+    assert cli(*_cli(full, *FAST)[3:]).returncode == 0  # in this process (1 torch thread, as the killed one)
 
     # Kill in the lap-2 M-step, after its first checkpoint, then resume.
     proc = subprocess.Popen(_cli(killed, *FAST), env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -96,7 +99,7 @@ def test_kill_and_resume_gives_the_same_prior(tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (lap_dir(killed, 2) / "model_index.json").exists()
-    subprocess.run(_cli(killed, *FAST), check=True, env=env, cwd=ROOT, capture_output=True)
+    assert cli(*_cli(killed, *FAST)[3:]).returncode == 0  # the resume, in this process
 
     laps = [json.loads(l)["lap"] for l in (killed / "metrics.jsonl").read_text().splitlines()]
     assert laps == [0, 1, 2]  # nothing finished was recomputed
@@ -105,30 +108,6 @@ def test_kill_and_resume_gives_the_same_prior(tmp_path):
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
 
-
-def test_estep_two_processes_match_one(tmp_path):
-    script = str(ROOT / "tests" / "scripts" / "estep_only.py")
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    single = tmp_path / "single.pt"
-    subprocess.run([sys.executable, script, str(tmp_path / "r1"), str(single), *FAST], check=True, env=env, cwd=ROOT,
-                   capture_output=True)
-    double = tmp_path / "double.pt"
-    # `accelerate launch --cpu` starts a single process in accelerate 1.x; `--multi_gpu` launches
-    # through torchrun, and the script's Accelerator(cpu=True) then runs on CPU with gloo.
-    with socket.socket() as sock:  # a free rendezvous port (the default 29500 may be taken)
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-              "--main_process_port", str(port)]
-    result = subprocess.run(launch + [script, str(tmp_path / "r2"), str(double), *FAST], env=env, cwd=ROOT,
-                            capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr[-3000:]
-    a, b = torch.load(single), torch.load(double)
-    assert a["processes"] == 1 and b["processes"] == 2
-    # Same seeds per block of observations: the same samples, up to float32 round-off of the
-    # network in a different process (measured: max |diff| ~ 1e-6 for samples of size ~3).
-    torch.testing.assert_close(a["samples"], b["samples"], rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize(
@@ -149,16 +128,13 @@ def test_bad_configs_fail_before_work(tmp_path, kwargs, key):
     assert not any(tmp_path.iterdir())
 
 
-def test_cli_dry_run_and_errors(tmp_path):
-    ok = subprocess.run([sys.executable, "-m", "diffem.cli", "train", "manifold", "--profile", "smoke", "--dry-run",
-                         "--set", "mstep.lr=3e-4"], capture_output=True, text=True, cwd=ROOT)
+def test_cli_dry_run_and_errors(tmp_path, cli):
+    ok = cli("train", "manifold", "--profile", "smoke", "--dry-run", "--set", "mstep.lr=3e-4")
     assert ok.returncode == 0 and "lr: 0.0003" in ok.stdout
-    bad = subprocess.run([sys.executable, "-m", "diffem.cli", "train", "manifold", "--profile", "smoke", "--set",
-                          "laps=-2", f"output_dir={tmp_path / 'x'}"], capture_output=True, text=True, cwd=ROOT)
+    bad = cli("train", "manifold", "--profile", "smoke", "--set", "laps=-2", f"output_dir={tmp_path / 'x'}")
     assert bad.returncode == 2 and "`laps`" in bad.stderr
     assert not (tmp_path / "x").exists()
-    missing = subprocess.run([sys.executable, "-m", "diffem.cli", "evaluate", str(tmp_path)], capture_output=True,
-                             text=True, cwd=ROOT)
+    missing = cli("evaluate", tmp_path)
     assert missing.returncode == 2 and "not a run folder" in missing.stderr
 
 

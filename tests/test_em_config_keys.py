@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from diffem.config import ConfigError, config_to_dict, load_config
-from diffem.em import EMTrainer
+from diffem.train import make_trainer
 from diffem.em.estep import keep_samples, run_estep, screen_samples
 from diffem.em.evaluation import evaluate_lap, is_scheduled
 from diffem.em.lap0 import run_lap0
@@ -29,6 +29,7 @@ BASE = ["data.points=64", "lap0.iterations=2", "lap0.observations=64", "estep.st
         "network.hidden=[16]", "network.emb_features=8", "mstep.ema_decay=0.5", "estep.discard_outside=1.0"]
 
 _tmp: dict = {}
+_BASES: dict = {}  # (probe, common overrides) -> the unchanged run's result
 
 
 def _config(*overrides: str):
@@ -152,7 +153,7 @@ def probe_run_dir(config):
 
 def probe_laps(config, monkeypatch=None):
     ran = []
-    trainer = EMTrainer(config, _accelerator(), progress=False)
+    trainer = make_trainer(config, _accelerator(), progress=False)
     trainer.lap0 = lambda obs: ran.append(0) or {}
     trainer.lap = lambda lap, obs: ran.append(lap) or {}
     trainer.run()
@@ -256,7 +257,10 @@ def test_changing_a_key_changes_the_run(key, tmp_path_factory):
     value, probe, common = CHANGES[key]
     import yaml
 
-    base = _run(probe, common)
+    key_ = (probe.__name__, tuple(common))
+    if key_ not in _BASES:  # one base run per (probe, overrides), shared by the keys that change it
+        _BASES[key_] = _run(probe, common)
+    base = _BASES[key_]
     changed = _run(probe, common + [f"{key}={yaml.safe_dump(value, default_flow_style=True).strip()}"])
     assert not (isinstance(base, tuple) and base and base[0] == "ConfigError"), base
     assert _differs(base, changed), f"setting `{key}` to {value!r} changed nothing"

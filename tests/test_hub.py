@@ -412,7 +412,7 @@ def test_push_after_lap_logs_failures_and_retries(run_copy, monkeypatch, caplog)
 def test_training_pushes_each_lap_and_survives_failed_uploads(tmp_path, monkeypatch, caplog):
     """`hub.repo_id` set: the trainer pushes after every saved lap; a failed push neither stops the run
     nor is lost (retried at the next lap), and records updated by the evaluation are pushed again."""
-    from diffem.em import EMTrainer
+    from diffem.train import make_trainer
 
     monkeypatch.setenv("HF_TOKEN", FAKE_TOKEN)
     shared = RecordingApi(token=FAKE_TOKEN, fail_at=1)  # the push after lap 0 fails
@@ -423,7 +423,7 @@ def test_training_pushes_each_lap_and_survives_failed_uploads(tmp_path, monkeypa
         "estep.batch_size=64", "estep.steps=4", "mstep.steps=6", "mstep.batch_size=32", "eval.samples=32",
         "eval.steps=4", "data.eval_points=32", "data.sinkhorn_maxiter=10"]
     config = load_config("manifold", "smoke", overrides=[*overrides, f"hub.repo_id={REPO}"])
-    EMTrainer(config, progress=False).run()
+    make_trainer(config, progress=False).run()
     records = _records(config.run_dir)
     assert sorted(records) == [0, 1, 2]  # the run finished despite the failed push
     assert "503" in caplog.text and FAKE_TOKEN not in caplog.text
@@ -437,7 +437,7 @@ def test_training_pushes_each_lap_and_survives_failed_uploads(tmp_path, monkeypa
     assert json.loads(shared.revisions["lap-02"]["metrics.json"]) == records[2] and "sinkhorn" in records[2]
     # the hub section may change on resume (publishing does not change the prior)
     off = load_config("manifold", "smoke", overrides=[*overrides, "hub.repo_id=", "hub.private=true"])
-    assert EMTrainer(off, progress=False).run() == []
+    assert make_trainer(off, progress=False).run() == []
 
 
 # -- errors before any upload -----------------------------------------------------------------------

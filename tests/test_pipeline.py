@@ -196,7 +196,8 @@ def test_a_pipeline_loaded_from_a_saved_lap_replays_its_estep_exactly(tmp_path):
     """The spec saved with a lap (sampling.json) is the E-step's: the pipeline, given it, draws the
     E-step's very samples (here under a network prior with the lap-0 Gaussian's Sigma_x, PC steps)."""
     from diffem.config import load_config
-    from diffem.em import EMTrainer, lap_dir
+    from diffem.em import lap_dir
+    from diffem.train import make_trainer
     from diffem.em.estep import run_estep
     from diffem.em.seeds import ESTEP
     from diffem.pipeline import load_estep_spec
@@ -206,7 +207,7 @@ def test_a_pipeline_loaded_from_a_saved_lap_replays_its_estep_exactly(tmp_path):
         f"output_dir={tmp_path}", "laps=1", "eval.samples=0", "data.points=64", "lap0.observations=64",
         "mstep.steps=10", "estep.block=1", "estep.batch_size=32", "estep.method=pc", "estep.steps=4",
         "estep.covariance=sigma_x"])
-    trainer = EMTrainer(config, progress=False)
+    trainer = make_trainer(config, progress=False)
     trainer.run()
     obs = trainer.observations()[:8]
     expected = run_estep(trainer.accelerator, config, 2, obs, tmp_path / "replay", lambda: trainer.load_lap(1),

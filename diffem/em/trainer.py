@@ -24,6 +24,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 import yaml
@@ -35,7 +36,6 @@ from ..config import ConfigError, EMConfig, config_to_dict
 from ..observations import ObservationSet
 from ..pipeline import DiffusionPriorPipeline
 from ..random import derive_seed
-from ..tasks import Task, get_task  # the one import upwards left: the EM loop should take its task from its caller
 from .checkpoint import LapRecords, check_resume_config, is_complete, lap_dir, save_lap
 from .estep import OutlierError, estep_covariance, run_estep, screen_samples
 from .evaluation import evaluate_lap, is_scheduled, needs_evaluation
@@ -119,17 +119,28 @@ def make_accelerator(config: EMConfig) -> Accelerator:
 class EMTrainer:
     """Runs (or resumes) the laps of one configured experiment; see :mod:`diffem.em`.
 
+    The trainer is handed its task and its after-lap hook by its caller (the EM loop imports
+    neither the experiments nor the Hub): :func:`diffem.train.make_trainer` builds both from the
+    config, as ``diffem train`` does.
+
     Arguments:
         config: A validated :class:`EMConfig`.
+        task: The experiment (a :class:`diffem.tasks.Task`: its observations, backbone,
+            augmentation, evaluation and data bound), built from ``config``.
         accelerator: An ``accelerate.Accelerator`` (default: :func:`make_accelerator`).
         progress: Show progress bars (main process only).
+        after_lap: Called on the main process with the config once a lap and its record are
+            saved, before its evaluation (:meth:`after_lap_saved`), e.g. to publish it; ``None``:
+            nothing. Its failures are its own to handle (publishing logs them).
     """
 
-    def __init__(self, config: EMConfig, accelerator: Accelerator | None = None, progress: bool = True):
+    def __init__(self, config: EMConfig, task, accelerator: Accelerator | None = None, progress: bool = True,
+                 after_lap: Callable[[EMConfig], None] | None = None):
         self.config = config
-        self.task: Task = get_task(config)
+        self.task = task
         self.accelerator = accelerator or make_accelerator(config)
         self.progress = progress and self.accelerator.is_main_process
+        self.after_lap = after_lap
         self.run_dir = config.run_dir
         self.work_dir = self.run_dir / "work"
         self.records = LapRecords(self.run_dir / "metrics.jsonl")
@@ -318,15 +329,12 @@ class EMTrainer:
         """Called on every process once ``lap_KK/`` and its record are saved, before its evaluation.
 
         The hook for work on a finished lap that must not wait for (or depend on) the
-        evaluation, such as publishing it. With ``hub.repo_id`` set, the main process pushes
-        the finished laps not yet uploaded (:func:`diffem.hub.push_after_lap`: a failure is
-        logged, never raised, and retried at the next lap; a record updated by a later
-        evaluation is pushed again then).
+        evaluation, such as publishing it: the main process calls ``after_lap(config)``
+        (:func:`diffem.train.make_trainer` passes the Hub upload of ``hub.repo_id``, which logs a
+        failure and retries at the next lap).
         """
-        if self.accelerator.is_main_process and self.config.hub.repo_id:
-            from ..hub import push_after_lap
-
-            push_after_lap(self.config)
+        if self.accelerator.is_main_process and self.after_lap is not None:
+            self.after_lap(self.config)
 
     def _write_record(self, record: dict) -> None:
         if self.accelerator.is_main_process:
@@ -353,10 +361,11 @@ class EMTrainer:
         return [k for k in self.laps_done() if needs_evaluation(self.config, records.get(k), k)]
 
 
-def run_em(config: EMConfig, progress: bool = True) -> list[dict]:
-    """Run (or resume) an EM experiment under :func:`make_accelerator`'s ``Accelerator``."""
+def run_em(config: EMConfig, task, progress: bool = True, after_lap: Callable[[EMConfig], None] | None = None) -> list[dict]:
+    """Run (or resume) an EM experiment with ``task`` under :func:`make_accelerator`'s ``Accelerator``
+    (``diffem.train.run_em`` builds the task from the config)."""
     accelerator = make_accelerator(config)
     set_seed(config.seed)
-    records = EMTrainer(config, accelerator, progress=progress).run()
+    records = EMTrainer(config, task, accelerator, progress=progress, after_lap=after_lap).run()
     accelerator.end_training()
     return records
