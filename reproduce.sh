@@ -3,7 +3,8 @@
 #
 #   bash reproduce.sh [<experiment>] [--profile P] [extra `diffem train` arguments]
 #
-# experiments: cifar10 (the default: the paper's headline table), manifold, mnist. The
+# experiments: cifar10 (the default: the paper's headline table), cifar10-ablation, cifar10-baselines
+# (the references at equal compute), manifold, mnist, mri. The
 # profile defaults to `paper` on a CUDA machine and `cpu` otherwise. Runs resume: rerun the
 # same command after an interruption.
 # Multi-GPU: ACCELERATE="accelerate launch --multi_gpu --num_processes 4" bash reproduce.sh ...
