@@ -59,6 +59,9 @@ class EStepConfig:
     delta: float = 0.1  #: Langevin step size ("pc")
     maxiter: int = 1  #: CG iterations (the cap when ``tol > 0``)
     tol: float = 0.0  #: relative CG tolerance (0: always maxiter; the authors' manifold: 1e-3, to tolerance)
+    #: MMPS's linear solver: "cg" (the paper's) or "gmres" (for the non-symmetric system of a learned
+    #: Jacobian; azula's default); same cost per iteration (diffem.linalg)
+    solver: str = "cg"
     batch_size: int = 256  #: observations per sampler call and per saved chunk (a multiple of block)
     block: int = 1  #: observations sharing one generator; samples depend on this, not on batch size
     discard_outside: float | None = None  #: drop samples with any |x_i| >= this before the M-step (authors: 3, manifold)
@@ -159,7 +162,7 @@ class EMConfig:
 
     def validate(self) -> "EMConfig":
         """Check ranges; raise :class:`ConfigError` naming the key."""
-        from .spec import COVARIANCES, GUIDANCES, SAMPLER_METHODS
+        from .spec import COVARIANCES, GUIDANCES, SAMPLER_METHODS, SOLVERS
 
         checks = [
             ("laps", self.laps >= 0, "must be >= 0"),
@@ -182,6 +185,9 @@ class EMConfig:
             ("estep.guidance", self.estep.guidance in GUIDANCES, f"must be one of {', '.join(GUIDANCES)}"),
             ("estep.covariance", self.estep.covariance in COVARIANCES, f"must be one of {', '.join(COVARIANCES)}"),
             ("estep.tol", self.estep.tol >= 0, "must be >= 0"),
+            ("estep.solver", self.estep.solver in SOLVERS, f"must be one of {', '.join(SOLVERS)}"),
+            ("estep.solver", self.estep.solver == "cg" or self.estep.guidance == "mmps",
+             "applies to estep.guidance mmps only (keep cg)"),
             ("lap0.tol", self.lap0.tol >= 0, "must be >= 0"),
             ("estep.outlier_factor", self.estep.outlier_factor is None or self.estep.outlier_factor > 0,
              "must be > 0 (or null: keep every finite sample)"),

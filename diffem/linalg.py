@@ -1,4 +1,5 @@
-r"""Batched conjugate gradient: one symmetric positive definite system per sample.
+r"""Batched Krylov solvers: conjugate gradient (symmetric positive definite systems) and GMRES
+(any square system), one system per sample.
 
 Solves :math:`M_i v_i = b_i` for every sample :math:`i` of a batch, where
 :math:`M_i` is only available through matrix-vector products (in MMPS, each
@@ -16,9 +17,16 @@ matvec :math:`M p = \Sigma_y p + \sigma^2 A J^T A^T p` computes anyway), then
 freezing, at no extra cost: MMPS then needs one forward and ``maxiter`` vector-Jacobian
 products instead of ``maxiter + 1``.
 
+GMRES (:func:`gmres`) needs no symmetry: MMPS's system :math:`\Sigma_y + \sigma^2 A J A^T`
+with the Jacobian :math:`J` of a learned denoiser is not symmetric, and CG's assumptions fail
+there. It minimises the residual over the Krylov space of ``maxiter`` matvecs (the same cost
+as CG), with float64 inner products and Givens rotations (azula, the authors' library, defaults
+MMPS to GMRES).
+
 References:
     Hestenes & Stiefel, "Methods of conjugate gradients for solving linear
-    systems", 1952. Rozet et al. 2024 (arXiv:2405.13712), Section 4.
+    systems", 1952. Saad & Schultz, "GMRES: a generalized minimal residual algorithm for
+    solving nonsymmetric linear systems", 1986. Rozet et al. 2024 (arXiv:2405.13712), Section 4.
 """
 
 from __future__ import annotations
@@ -28,7 +36,10 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-__all__ = ["conjugate_gradient"]
+__all__ = ["conjugate_gradient", "gmres", "SOLVERS", "solve"]
+
+#: The linear solvers of :func:`solve` (MMPS's ``solver``).
+SOLVERS = ("cg", "gmres")
 
 
 def _dot(a: Tensor, b: Tensor) -> Tensor:
@@ -121,3 +132,107 @@ def conjugate_gradient(
     if companion:
         return x, wx
     return x
+
+
+def gmres(
+    matvec: Callable[[Tensor], Tensor],
+    b: Tensor,
+    maxiter: int = 1,
+    tol: float = 0.0,
+    companion: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    r"""Solve :math:`M v = b` per sample by GMRES from :math:`v_0 = 0`, without restarts.
+
+    After ``maxiter`` matvecs, :math:`v` minimises :math:`\lVert b - M v \rVert` over the Krylov
+    space :math:`\mathrm{span}\{b, M b, \dots, M^{k-1} b\}` (Arnoldi with modified Gram-Schmidt;
+    the small least-squares problem by Givens rotations). Inner products and the small problem
+    are float64 whatever the dtype of ``b``; the vectors keep it. The loop has no host-device
+    synchronisation: a sample whose residual falls to ``tol * ||b_i||`` (or whose Krylov space
+    is exhausted, an exact solve) adds nothing more.
+
+    Arguments:
+        matvec: The map :math:`v \mapsto M v` for a batch ``(B, ...) -> (B, ...)`` (block
+            diagonal over the batch), :math:`M` square and nonsingular; with ``companion``, it
+            returns ``(M p, W p)`` as for :func:`conjugate_gradient`.
+        b: The right-hand sides ``(B, ...)``.
+        maxiter: Krylov dimension = matvecs (>= 1); exact in at most ``prod(...)``.
+        tol: Relative residual tolerance (0: every iteration counts).
+        companion: Also return :math:`W v = \sum_j c_j W q_j` (the Arnoldi vectors' images).
+
+    Returns:
+        ``v`` ``(B, ...)`` (dtype of ``b``), or ``(v, W v)`` with ``companion``.
+
+    Raises:
+        ValueError: if ``maxiter < 1``, ``tol < 0`` or ``b`` has no batch dimension.
+
+    Memory: ``maxiter + 1`` vectors of the shape of ``b`` (and ``maxiter`` of ``W p``).
+    """
+    if int(maxiter) != maxiter or maxiter < 1:
+        raise ValueError(f"`maxiter` must be an integer >= 1, got {maxiter!r}")
+    if tol < 0:
+        raise ValueError(f"`tol` must be >= 0, got {tol!r}")
+    if b.dim() < 2:
+        raise ValueError(f"`b` must have shape (B, ...), got {tuple(b.shape)}")
+    k, n = int(maxiter), b.shape[0]
+
+    def dot(u: Tensor, v: Tensor) -> Tensor:  # (B,) in float64
+        return (u.double() * v.double()).flatten(1).sum(dim=1)
+
+    tiny = torch.finfo(torch.float64).tiny
+    beta = dot(b, b).sqrt()
+    q = [torch.where(_expand(beta > 0, b), b / _expand(beta, b).to(b.dtype), torch.zeros_like(b))]
+    wq = []
+    R = torch.zeros(n, k, k, dtype=torch.float64, device=b.device)  # the rotated Hessenberg matrix
+    g = torch.zeros(n, k + 1, dtype=torch.float64, device=b.device)
+    g[:, 0] = beta
+    cs = torch.ones(n, k, dtype=torch.float64, device=b.device)
+    sn = torch.zeros(n, k, dtype=torch.float64, device=b.device)
+    threshold = tol * beta
+    active = beta > threshold.clamp_min(tiny)  # b = 0 (or within tol): nothing to do
+    for j in range(k):
+        if companion:
+            w, wj = matvec(q[j])
+            wq.append(wj)
+        else:
+            w = matvec(q[j])
+        h = torch.zeros(n, j + 2, dtype=torch.float64, device=b.device)
+        for i in range(j + 1):  # modified Gram-Schmidt
+            h[:, i] = dot(q[i], w)
+            w = w - _expand(h[:, i], w).to(w.dtype) * q[i]
+        h[:, j + 1] = dot(w, w).sqrt()
+        q.append(torch.where(_expand(h[:, j + 1] > tiny, w), w / _expand(h[:, j + 1].clamp_min(tiny), w).to(w.dtype),
+                             torch.zeros_like(w)))
+        for i in range(j):  # the previous rotations
+            hi = cs[:, i] * h[:, i] + sn[:, i] * h[:, i + 1]
+            h[:, i + 1] = -sn[:, i] * h[:, i] + cs[:, i] * h[:, i + 1]
+            h[:, i] = hi
+        denom = torch.sqrt(h[:, j] ** 2 + h[:, j + 1] ** 2)
+        ok = active & (denom > tiny)
+        c = torch.where(ok, h[:, j] / denom.clamp_min(tiny), torch.ones_like(denom))
+        s_ = torch.where(ok, h[:, j + 1] / denom.clamp_min(tiny), torch.zeros_like(denom))
+        cs[:, j], sn[:, j] = c, s_
+        # an inactive sample's column is the identity with a zero right-hand side: its coefficient is 0
+        R[:, : j + 1, j] = torch.where(ok[:, None], torch.cat([h[:, :j], denom[:, None]], dim=1),
+                                       torch.eye(j + 1, dtype=torch.float64, device=b.device)[j].expand(n, j + 1))
+        gj = g[:, j].clone()
+        g[:, j] = torch.where(ok, c * gj, torch.zeros_like(gj))
+        g[:, j + 1] = torch.where(ok, -s_ * gj, gj)
+        active = ok & (g[:, j + 1].abs() > threshold)
+    coef = torch.linalg.solve_triangular(R, g[:, :k, None], upper=True)[..., 0]  # (B, k)
+    v = sum(_expand(coef[:, j], b).to(b.dtype) * q[j] for j in range(k))
+    if companion:
+        return v, sum(_expand(coef[:, j], wq[j]).to(wq[j].dtype) * wq[j] for j in range(k))
+    return v
+
+
+def solve(solver: str, matvec: Callable, b: Tensor, maxiter: int = 1, tol: float = 0.0, companion: bool = False):
+    """:func:`conjugate_gradient` (``"cg"``) or :func:`gmres` (``"gmres"``) from ``v_0 = 0``.
+
+    Raises:
+        ValueError: for an unknown ``solver`` (and the solvers' own errors).
+    """
+    if solver == "cg":
+        return conjugate_gradient(matvec, b, maxiter=maxiter, tol=tol, companion=companion)
+    if solver == "gmres":
+        return gmres(matvec, b, maxiter=maxiter, tol=tol, companion=companion)
+    raise ValueError(f"`solver` must be one of {SOLVERS}, got {solver!r}")

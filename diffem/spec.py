@@ -36,11 +36,12 @@ from torch import Tensor
 
 from .edm import SAMPLER_METHODS, make_scheduler
 from .gaussian import GaussianPrior
+from .linalg import SOLVERS
 from .posterior import GUIDANCE_OPTIONS, GUIDANCES
 from .posterior.mmps import COVARIANCES
 from .sampling import sample_posterior
 
-__all__ = ["SamplerSpec", "SAMPLER_METHODS", "GUIDANCES", "COVARIANCES", "GAUSSIAN_EXACT"]
+__all__ = ["SamplerSpec", "SAMPLER_METHODS", "GUIDANCES", "COVARIANCES", "SOLVERS", "GAUSSIAN_EXACT"]
 
 #: What a lap's record names as its E-step covariance when the prior was the lap-0 Gaussian.
 GAUSSIAN_EXACT = "gaussian (exact)"
@@ -59,6 +60,8 @@ class SamplerSpec:
         guidance: Posterior method, one of :data:`GUIDANCES`.
         covariance: MMPS's :math:`\mathbb{V}[x \mid x_t]`, one of :data:`COVARIANCES`
             (``"tweedie"`` for every method but MMPS).
+        solver: MMPS's linear solver, one of :data:`diffem.linalg.SOLVERS` (``"cg"``, ``"gmres"``;
+            ``"cg"`` for every method but MMPS).
         maxiter: CG iterations (the cap when ``tol > 0``), ``>= 1``.
         tol: Relative CG tolerance :math:`\lVert r \rVert \le` ``tol`` :math:`\lVert b \rVert`
             (0: always ``maxiter``).
@@ -77,6 +80,7 @@ class SamplerSpec:
     delta: float = 0.1
     guidance: str = "mmps"
     covariance: str = "tweedie"
+    solver: str = "cg"
     maxiter: int = 1
     tol: float = 0.0
     guidance_options: dict = field(default_factory=dict)
@@ -92,6 +96,8 @@ class SamplerSpec:
             ("covariance", self.covariance in COVARIANCES, f"must be one of {COVARIANCES}"),
             ("covariance", self.covariance == "tweedie" or self.guidance == "mmps",
              "applies to guidance 'mmps' only (keep 'tweedie' for other methods)"),
+            ("solver", self.solver in SOLVERS, f"must be one of {SOLVERS}"),
+            ("solver", self.solver == "cg" or self.guidance == "mmps", "applies to guidance 'mmps' only (keep 'cg')"),
             ("maxiter", isinstance(self.maxiter, int) and self.maxiter >= 1, "must be an integer >= 1"),
             ("tol", self.tol >= 0 and math.isfinite(self.tol), "must be a finite number >= 0"),
             ("noise_std", self.noise_std is None or self.noise_std > 0, "must be > 0 (or None)"),
@@ -99,7 +105,7 @@ class SamplerSpec:
         for name, ok, why in checks:
             if not ok:
                 raise ValueError(f"SamplerSpec `{name}` {why}, got {getattr(self, name)!r}")
-        extra = sorted(set(self.guidance_options) - set(GUIDANCE_OPTIONS[self.guidance]) - {"maxiter", "tol", "covariance"})
+        extra = sorted(set(self.guidance_options) - set(GUIDANCE_OPTIONS[self.guidance]) - {"maxiter", "tol", "covariance", "solver"})
         if extra:
             raise ValueError(f"SamplerSpec `guidance_options`: `{extra[0]}` is not an option of guidance {self.guidance!r}")
 
@@ -110,7 +116,8 @@ class SamplerSpec:
         options = {"dps": {"zeta": estep.dps_zeta}, "pigdm": {"weight": estep.pigdm_weight},
                    "diffpir": {"lmbda": estep.diffpir_lambda}}.get(estep.guidance, {})
         return cls(method=estep.method, steps=estep.steps, corrections=estep.corrections, delta=estep.delta,
-                   guidance=estep.guidance, covariance=estep.covariance, maxiter=estep.maxiter, tol=estep.tol,
+                   guidance=estep.guidance, covariance=estep.covariance, solver=estep.solver, maxiter=estep.maxiter,
+                   tol=estep.tol,
                    guidance_options=options, noise_std=noise_std)
 
     def to_dict(self) -> dict:
@@ -197,6 +204,8 @@ class SamplerSpec:
             raise ValueError("`noise_std` is required: give it here or in the SamplerSpec")
         covariance = self.effective_covariance(isinstance(denoiser, GaussianPrior))
         options = dict(self.guidance_options)
+        if self.guidance == "mmps" and self.solver != "cg":
+            options["solver"] = self.solver
         if covariance == "sigma_x":
             if sigma_x is None:
                 raise ValueError("covariance 'sigma_x' needs `sigma_x`: the GaussianPrior whose covariance is Sigma_x")

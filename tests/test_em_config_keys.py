@@ -194,6 +194,7 @@ CHANGES = {
     "estep.outlier_factor": (100.0, probe_screen, ["estep.discard_outside=null"]),
     "estep.max_outlier_fraction": (0.001, probe_screen, ["estep.discard_outside=null"]),
     "estep.dps_zeta": (0.5, probe_estep, ["estep.guidance=dps"]),
+    "estep.solver": ("gmres", probe_estep, []),
     "estep.pigdm_weight": (0.5, probe_estep, ["estep.guidance=pigdm"]),
     "estep.diffpir_lambda": (3.0, probe_estep, ["estep.guidance=diffpir"]),
     "mstep.steps": (4, probe_mstep, []),

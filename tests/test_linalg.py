@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from diffem.linalg import conjugate_gradient
+from diffem.linalg import conjugate_gradient, gmres, solve
 
 
 def _spd(B, n, g, cond=50.0):
@@ -197,3 +197,63 @@ def test_cg_companion_under_the_curvature_guard():
 def test_cg_companion_rejects_an_initial_guess():
     with pytest.raises(ValueError, match="`companion`"):
         conjugate_gradient(lambda v: (v, v), torch.ones(2, 3), x0=torch.zeros(2, 3), companion=True)
+
+
+# -- GMRES -----------------------------------------------------------------------------------------
+def _nonsymmetric(B: int, n: int, seed: int = 0) -> torch.Tensor:
+    """I + a skew-heavy random part: nonsingular, far from symmetric (as Sigma_y + A J A^T of a learned J)."""
+    g = torch.Generator().manual_seed(seed)
+    S = torch.randn(B, n, n, generator=g, dtype=torch.float64)
+    return torch.eye(n, dtype=torch.float64) + 0.3 * (S @ S.transpose(1, 2)) / n + 2.0 * (S - S.transpose(1, 2)) / n**0.5
+
+
+def test_gmres_solves_a_nonsymmetric_system_where_cg_does_not():
+    B, n = 3, 8
+    M = _nonsymmetric(B, n)
+    b = torch.randn(B, n, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    matvec = lambda p: torch.einsum("bij,bj->bi", M, p)  # noqa: E731
+    exact = torch.linalg.solve(M, b)
+    torch.testing.assert_close(gmres(matvec, b, maxiter=n), exact, rtol=1e-9, atol=1e-10)
+    cg = conjugate_gradient(matvec, b, maxiter=n)
+    assert float((cg - exact).norm(dim=1).max()) > 1e-3  # CG's symmetric assumption fails here
+
+
+def test_gmres_residual_never_grows_with_the_krylov_dimension_and_matches_cg_on_spd():
+    B, n = 2, 7
+    M = _nonsymmetric(B, n, seed=2)
+    b = torch.randn(B, n, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    matvec = lambda p: torch.einsum("bij,bj->bi", M, p)  # noqa: E731
+    residuals = [(matvec(gmres(matvec, b, maxiter=k)) - b).norm(dim=1) for k in range(1, n + 1)]
+    for a, c in zip(residuals, residuals[1:]):
+        assert bool((c <= a + 1e-12).all())  # minimal residual over nested Krylov spaces
+    # one iteration: the minimal-residual step along b, c = <Mb, b> / <Mb, Mb>
+    Mb = matvec(b)
+    one = ((Mb * b).sum(1) / (Mb * Mb).sum(1))[:, None] * b
+    torch.testing.assert_close(gmres(matvec, b, maxiter=1), one)
+    spd = M @ M.transpose(1, 2)
+    mv = lambda p: torch.einsum("bij,bj->bi", spd, p)  # noqa: E731
+    torch.testing.assert_close(gmres(mv, b, maxiter=n), conjugate_gradient(mv, b, maxiter=n), rtol=1e-7, atol=1e-8)
+
+
+def test_gmres_tolerance_breakdown_zero_rhs_and_companion():
+    B, n = 4, 6
+    M = _nonsymmetric(B, n, seed=4)
+    b = torch.randn(B, n, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    b[1] = 0.0  # a zero right-hand side stays zero
+    matvec = lambda p: torch.einsum("bij,bj->bi", M, p)  # noqa: E731
+    v = gmres(matvec, b, maxiter=n, tol=0.3)
+    rel = (matvec(v) - b).norm(dim=1) / b.norm(dim=1).clamp_min(1e-300)
+    assert bool((rel[[0, 2, 3]] <= 0.3 + 1e-12).all()) and float(v[1].abs().max()) == 0.0
+    # M = 2 I: exact after one matvec (the Krylov space is exhausted), later iterations add nothing
+    torch.testing.assert_close(gmres(lambda p: 2 * p, b, maxiter=4), b / 2)
+    W = torch.randn(B, 3, n, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    pair = lambda p: (matvec(p), torch.einsum("bij,bj->bi", W, p))  # noqa: E731
+    v, wv = gmres(pair, b, maxiter=3, companion=True)
+    torch.testing.assert_close(wv, torch.einsum("bij,bj->bi", W, v))
+    # float32 vectors, float64 inner products: the dtype of b is kept
+    v32 = gmres(lambda p: matvec(p.double()).float(), b.float(), maxiter=n)
+    assert v32.dtype == torch.float32 and float((matvec(v32.double()) - b).norm(dim=1).max()) < 1e-4
+    with pytest.raises(ValueError, match="solver"):
+        solve("minres", matvec, b)
+    with pytest.raises(ValueError, match="maxiter"):
+        gmres(matvec, b, maxiter=0)

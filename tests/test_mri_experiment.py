@@ -195,6 +195,100 @@ def test_report_on_the_smoke_run(smoke_run, tmp_path):
     assert not results.exists()  # smoke runs are not copied to the results folder
 
 
+def _last_evaluated(run: Path) -> dict:
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in records if r.get("accelerations")][-1]
+
+
+def _fake_cs(path: Path, run: Path, profile: str, offsets: dict, images: bool = True) -> dict:
+    """A `compressed_sensing.py` output for the run's held-out slices at `path` (and its .pt): at each R of
+    `offsets` ({R: {method: (lambda, PSNR - EM's, SSIM - EM's)}}), numbers set relative to the last lap's
+    posterior mean."""
+    last = _last_evaluated(run)
+    n = last["eval_slices"]
+    entries = {}
+    for R, methods in offsets.items():
+        m = last["accelerations"][R]
+        entries[R] = {method: {"lambda": lam, "validation_psnr": {f"{lam:g}": 30.0},
+                               "psnr": m["psnr_posterior_mean"] + dp, "ssim": m["ssim_posterior_mean"] + ds,
+                               "nmse": 0.05, "data_consistency": 0.01}
+                      for method, (lam, dp, ds) in methods.items()}
+    cs = {"run": str(run), "profile": profile, "test_slices": list(range(n)), "validation_slices": [n, n + 1, n + 2],
+          "lambdas": [1e-3, 3e-3, 0.3], "max_iter": 7, "library": "sigpy 9.9-test", "accelerations": entries,
+          "time_s": 1.0}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(cs))
+    if images:
+        size = 16
+        torch.save({R: {method: torch.full((n, 1, size, size), -1.0 + 0.1 * k).half()
+                        for k, method in enumerate(methods)} for R, methods in offsets.items()}, path.with_suffix(".pt"))
+    return cs
+
+
+@needs_brains
+def test_report_shows_compressed_sensing(smoke_run, tmp_path):
+    """The compressed-sensing columns and the "beat compressed sensing?" verdicts follow the file's numbers;
+    without the file they say "not run"."""
+    from matplotlib.image import imread
+
+    report = load_script(ROOT / "experiments" / "mri" / "report.py", "mri_report")
+    fmt = report.fmt
+    last = _last_evaluated(smoke_run)
+    # R = 4: L1-wavelet beats EM's PSNR (and is the better one; TV's higher SSIM is not the one compared);
+    # R = 8: both lose on PSNR, TV the better one and above EM's SSIM; R = 16: TV missing, L1-wavelet loses.
+    offsets = {"4": {"l1_wavelet": (3e-3, 1.0, -0.05), "total_variation": (0.3, -2.0, 0.1)},
+               "8": {"l1_wavelet": (1e-3, -2.0, -0.2), "total_variation": (0.3, -0.5, 0.05)},
+               "16": {"l1_wavelet": (3e-3, -1.0, -0.1)}}
+    results = tmp_path / "results"
+    cs = _fake_cs(results / "smoke-cs.json", smoke_run, "smoke", offsets)  # the default place: <results-dir>/<profile>-cs.json
+
+    def run(name, results_dir):
+        table, figure = tmp_path / f"{name}.md", tmp_path / f"{name}.png"
+        assert report.main([str(smoke_run), "--table", str(table), "--figure", str(figure),
+                            "--results-dir", str(results_dir), "--slice", "1"]) == 0
+        return table.read_text(), imread(figure).shape[1]
+
+    text, width = run("with", results)
+    a = cs["accelerations"]
+    em = {R: (last["accelerations"][R]["psnr_posterior_mean"], last["accelerations"][R]["ssim_posterior_mean"])
+          for R in ("4", "8", "16")}
+    # the summary: PSNR and SSIM of both methods beside EM's, and the lambdas
+    l1, tv = a["4"]["l1_wavelet"], a["4"]["total_variation"]
+    assert f"| {fmt(l1['psnr'])} | {fmt(tv['psnr'])} |" in text and f"| {fmt(l1['ssim'])} | {fmt(tv['ssim'])} |" in text
+    assert "| 0.003 / 0.3 |" in text.split("\n| 4 |")[1].splitlines()[0]
+    row16 = text.split("\n| 16 |")[1].splitlines()[0]
+    assert f"| {fmt(a['16']['l1_wavelet']['psnr'])} | not run |" in row16 and "| 0.003 / not run |" in row16
+    assert "\n| 6 |" in text and "not run" in text.split("\n| 6 |")[1].splitlines()[0]  # R absent from the file
+    assert "sigpy 9.9-test" in text and "7 iterations" in text
+    assert "validation set of 3 clean held-out slices, disjoint from the test slices and from training" in text
+    assert "an advantage the EM prior" in text
+    # the verdicts: against the better method by PSNR, SSIM against that same method
+    section = text.split("## Does the EM prior beat compressed sensing?")[1].split("\n## ")[0]
+    t8, l16 = a["8"]["total_variation"], a["16"]["l1_wavelet"]
+    vs = lambda mine, ref: f"({fmt(mine)} vs {fmt(ref)})"  # noqa: E731
+    assert f"| 4 | L1-wavelet (0.003) | no {vs(em['4'][0], l1['psnr'])} | yes {vs(em['4'][1], l1['ssim'])} |" in section
+    assert f"| 8 | TV (0.3) | yes {vs(em['8'][0], t8['psnr'])} | no {vs(em['8'][1], t8['ssim'])} |" in section
+    assert f"| 16 | L1-wavelet (0.003) | yes {vs(em['16'][0], l16['psnr'])} | yes {vs(em['16'][1], l16['ssim'])} |" in section
+    assert "how far from the oracle: not run (a prior trained on the clean slices: issue 25)" in section
+    assert sorted(p.name for p in results.iterdir()) == ["smoke-cs.json", "smoke-cs.pt"]  # left alone, nothing copied
+
+    # without the file: "not run", never a number; the figure loses its two compressed-sensing columns
+    bare, bare_width = run("without", tmp_path / "no-results")
+    for R in ("4", "8", "16", "32"):
+        row = bare.split(f"\n| {R} |")[1].splitlines()[0].split(" | ")
+        assert row[3:5] == ["not run", "not run"] and row[8:10] == ["not run", "not run"] and row[-1] == "not run |"
+    section = bare.split("## Does the EM prior beat compressed sensing?")[1].split("\n## ")[0]
+    for R in ("4", "8", "16"):
+        assert f"| {R} | not run | not run | not run |" in section
+    assert "L1-wavelet and TV (compressed sensing): not run (no `" in bare and "smoke-cs.json" in bare
+    assert width > bare_width
+    # a file of another profile is refused
+    other = _fake_cs(tmp_path / "other-cs.json", smoke_run, "cpu", offsets, images=False)
+    with pytest.raises(SystemExit, match="'cpu' profile"):
+        report.main([str(smoke_run), "--table", str(tmp_path / "x.md"), "--cs", str(tmp_path / "other-cs.json")])
+    assert other["profile"] == "cpu" and not (tmp_path / "x.md").exists()
+
+
 @needs_brains
 def test_report_regenerates_from_its_results_folder(smoke_run, tmp_path):
     """A non-smoke copy of the run: the results folder alone regenerates the same table."""
@@ -205,6 +299,7 @@ def test_report_regenerates_from_its_results_folder(smoke_run, tmp_path):
     cfg = (run / "config.yaml").read_text().replace("profile: smoke", "profile: cpu")
     (run / "config.yaml").write_text(cfg)
     results = tmp_path / "results"
+    _fake_cs(results / "cpu-cs.json", run, "cpu", {"8": {"l1_wavelet": (1e-3, -1.0, -0.1)}})  # beside results/cpu
 
     def report(source, name):
         script = load_script(ROOT / "experiments" / "mri" / "report.py", "mri_report")
@@ -214,6 +309,8 @@ def test_report_regenerates_from_its_results_folder(smoke_run, tmp_path):
 
     first = report(run, "a")
     assert sorted(p.name for p in (results / "cpu").iterdir()) == ["config.yaml", "figure_data.pt", "metrics.jsonl"]
+    assert sorted(p.name for p in results.iterdir()) == ["cpu", "cpu-cs.json", "cpu-cs.pt"]  # not deleted
+    assert "| 8 | L1-wavelet (0.001) |" in first
     # What users run: reproduce.sh without training, from the committed result files.
     out = tmp_path / "out"
     env = ENV | {"REPORT_ONLY": "1", "RUN_DIR": str(tmp_path / "no-run"), "RESULTS_DIR": str(results),
@@ -223,8 +320,48 @@ def test_report_regenerates_from_its_results_folder(smoke_run, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "report from the committed results" in proc.stdout
     strip = lambda text: [line for line in text.splitlines() if not line.startswith("Run: ")]  # noqa: E731
-    assert strip(first) == strip((out / "mri.md").read_text())
+    assert strip(first) == strip((out / "mri.md").read_text())  # the compressed-sensing rows too
+    assert sorted(p.name for p in results.iterdir()) == ["cpu", "cpu-cs.json", "cpu-cs.pt"]
     assert (out / "mri.png").stat().st_size > 0 and (out / "mri_laps.png").stat().st_size > 0
+
+
+# -- compressed-sensing references ---------------------------------------------------------------------
+def _slices(n: int = 2, size: int = 16) -> torch.Tensor:
+    """Real test images in data units: background -2, a textured rectangle."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.full((n, 1, size, size), -2.0)
+    x[:, :, 3:13, 4:12] = -2 + 4 * (0.5 + 0.5 * torch.rand(n, 1, 10, 8, generator=g))
+    return x
+
+
+def test_compressed_sensing_reproduces_a_fully_sampled_slice():
+    """Every column observed, lambda -> 0: both methods give back the image (the intensity shift, the FFT
+    convention and the units of diffem's operator match sigpy's)."""
+    pytest.importorskip("sigpy")
+    cs = load_script(ROOT / "experiments" / "mri" / "compressed_sensing.py", "mri_cs")
+    x = _slices()
+    mask = torch.ones(len(x), x.shape[-1], dtype=torch.bool)
+    y = SubsampledFourier(mask)(x)
+    for method in cs.METHODS:
+        est = cs.reconstruct(method, y, mask, 1e-6, max_iter=50)
+        assert est.shape == x.shape and est.dtype == torch.float32
+        assert (est - x).abs().max() < 0.05, method
+        scores = cs.scores(est, x, y, mask)
+        assert scores["data_consistency"] < 0.01 and scores["psnr"] > 35, (method, scores)
+    with pytest.raises(ValueError, match="method"):
+        cs.reconstruct("wavelet", y, mask, 1e-3)
+
+
+@pytest.mark.xfail(strict=True, reason="reconstruct keeps the real part of sigpy's complex solution: a column whose "
+                   "mirror is unobserved loses half of itself (data consistency ~0.2 at lambda -> 0, where the "
+                   "zero-filled A+ y, which counts those columns twice, has the noise floor)")
+def test_compressed_sensing_is_data_consistent_as_lambda_vanishes():
+    pytest.importorskip("sigpy")
+    cs = load_script(ROOT / "experiments" / "mri" / "compressed_sensing.py", "mri_cs")
+    x = _slices()
+    y, mask = observe_kspace(x, 4, 0.01, seed=0, stream=0, indices=range(len(x)))
+    assert cs.scores(SubsampledFourier(mask).pinv(y), x, y, mask)["data_consistency"] < 0.05  # A+ y is data-consistent
+    assert cs.scores(cs.reconstruct("total_variation", y, mask, 1e-6), x, y, mask)["data_consistency"] < 0.05
 
 
 # -- configuration ---------------------------------------------------------------------------------

@@ -292,3 +292,44 @@ def test_fast_mmps_equals_the_straightforward_form_under_the_curvature_guard(cas
     ref, x_hat = reference_mmps(denoiser, y, A, 0.05, x_t, sigma, maxiter)
     assert torch.isfinite(out).all()
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
+
+
+# -- GMRES: the solve of a learned (non-symmetric) Jacobian ----------------------------------------------
+@pytest.mark.parametrize("case", list(CASES))
+def test_mmps_with_gmres_is_exact_for_a_gaussian_prior(case):
+    g = gen(30)
+    B, noise_std, sigma = 3, 0.1, 0.5
+    A, event = CASES[case](B, g)
+    prior = low_rank_prior(math.prod(event), event, g)
+    x = prior.sample(B, generator=g)
+    y = GaussianObservation(A, noise_std).sample(x, generator=g)
+    x_t = x + sigma * torch.randn(x.shape, generator=g, dtype=torch.float64)
+    m = math.prod(A.out_shape)
+    out = MMPSDenoiser(prior, y, A, noise_std, maxiter=m, solver="gmres")(x_t, torch.full((B,), sigma, dtype=torch.float64))
+    H = operator_matrix(A, event)
+    for i in range(B):
+        ref = stacked_posterior_mean(prior, H[i], x_t[i].reshape(-1), y[i].reshape(-1), sigma, noise_std)
+        torch.testing.assert_close(out[i].reshape(-1), ref, rtol=0, atol=1e-9 * max(1.0, ref.abs().max().item()))
+
+
+def test_mmps_with_gmres_solves_the_non_symmetric_system_of_a_learned_jacobian():
+    """x_hat + sigma^2 J^T A^T (Sigma_y + sigma^2 A J^T A^T)^-1 (y - A x_hat), J of a nonlinear denoiser: GMRES
+    at maxiter = dim y reaches the dense solve; CG, which assumes symmetry, does not."""
+    g = gen(31)
+    denoiser, A, y, x_t, sigma = _fast_case("projection", 3, g)
+    m = math.prod(A.out_shape)
+    gm = MMPSDenoiser(denoiser, y, A, 0.05, maxiter=m, solver="gmres")(x_t, sigma)
+    cg = MMPSDenoiser(denoiser, y, A, 0.05, maxiter=m)(x_t, sigma)
+    H = operator_matrix(A, x_t.shape[1:])
+    for i in range(len(y)):
+        xi, si = x_t[i : i + 1], sigma[i : i + 1]
+        J = torch.autograd.functional.jacobian(lambda u: denoiser(u.reshape(xi.shape), si).reshape(-1), xi.reshape(-1))
+        x_hat = denoiser(xi, si).reshape(-1)
+        M = 0.05**2 * torch.eye(m, dtype=torch.float64) + si**2 * H[i] @ J.mT @ H[i].mT
+        v = torch.linalg.solve(M, y[i].reshape(-1) - H[i] @ x_hat)
+        ref = x_hat + si**2 * J.mT @ H[i].mT @ v
+        scale = (ref - x_hat).norm()
+        assert float((gm[i].reshape(-1) - ref).norm() / scale) < 1e-8
+        assert float((cg[i].reshape(-1) - ref).norm() / scale) > 1e-6
+    with pytest.raises(ValueError, match="solver"):
+        MMPSDenoiser(denoiser, y, A, 0.05, solver="lu")

@@ -20,8 +20,8 @@ from diffem.tasks import get_task
 
 
 def test_round_trip_through_sampling_json():
-    spec = SamplerSpec(method="pc", steps=7, corrections=2, delta=0.3, covariance="sigma_x", maxiter=9, tol=1e-3,
-                       noise_std=0.01)
+    spec = SamplerSpec(method="pc", steps=7, corrections=2, delta=0.3, covariance="sigma_x", solver="gmres", maxiter=9,
+                       tol=1e-3, noise_std=0.01)
     assert SamplerSpec.from_dict(json.loads(json.dumps(spec.to_dict()))) == spec
     config = load_config("manifold", "smoke", overrides=["estep.guidance=dps", "estep.dps_zeta=0.25"])
     saved = sampling_settings(config)["estep"]
@@ -33,16 +33,18 @@ def test_a_lap_saved_before_the_spec_still_loads():
     old = {"method": "ddpm", "num_inference_steps": 16, "corrections": 1, "delta": 0.1, "maxiter": 1, "tol": 0.0,
            "guidance": "mmps", "covariance": "tweedie", "guidance_options": {}}
     spec = SamplerSpec.from_dict(old)
-    assert (spec.steps, spec.noise_std) == (16, None)
+    assert (spec.steps, spec.noise_std, spec.solver) == (16, None, "cg")
 
 
 @pytest.mark.parametrize("field, value", [("method", "euler"), ("steps", 0), ("covariance", "diag"), ("tol", -1.0),
-                                          ("maxiter", 0), ("noise_std", 0.0)])
+                                          ("maxiter", 0), ("noise_std", 0.0), ("solver", "lu")])
 def test_bad_values_name_the_field(field, value):
     with pytest.raises(ValueError, match=f"`{field}`"):
         SamplerSpec(**{field: value})
     with pytest.raises(ValueError, match="guidance 'mmps' only"):
         SamplerSpec(guidance="dps", covariance="sigma_t")
+    with pytest.raises(ValueError, match="`solver` applies to guidance 'mmps' only"):
+        SamplerSpec(guidance="dps", solver="gmres")
     with pytest.raises(ValueError, match="unknown sampler setting `stepz`"):
         SamplerSpec.from_dict({"stepz": 3})
 

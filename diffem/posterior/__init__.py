@@ -63,7 +63,7 @@ GUIDANCES = tuple(_CLASSES)
 
 #: The keyword options each method accepts (besides denoiser, y, operator, noise_std).
 GUIDANCE_OPTIONS = {
-    "mmps": ("maxiter", "tol", "covariance", "prior"),
+    "mmps": ("maxiter", "tol", "covariance", "prior", "solver"),
     "dps": ("zeta",),
     "pigdm": ("maxiter", "tol", "form", "weight"),
     "tmpd": (),

@@ -53,7 +53,7 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from ..linalg import conjugate_gradient
+from ..linalg import SOLVERS, solve
 from ..operators import LinearOperator
 from ._common import check_maxiter, check_observation, check_tol, denoise_with_vjp, expand_as, sigma_vector
 
@@ -79,6 +79,11 @@ class MMPSDenoiser(nn.Module):
         prior: For ``covariance="prior"`` (optional, default ``None``: :math:`\Sigma_x = I`) and
             ``"sigma_x"`` (required): the :class:`~diffem.gaussian.GaussianPrior` whose
             covariance is :math:`\Sigma_x`.
+        solver: The linear solve of :math:`(\Sigma_y + A V A^T) v = y - A \hat{x}`: ``"cg"``
+            (conjugate gradient, the paper's; exact for a symmetric positive definite system)
+            or ``"gmres"`` (:func:`diffem.linalg.gmres`, for the non-symmetric
+            :math:`\Sigma_y + \sigma^2 A J A^T` of a learned Jacobian; azula's default). Same
+            cost: ``maxiter`` matvecs.
 
     Cost per call: one forward and ``maxiter`` VJPs (``"tweedie"``); one forward and one
     VJP (``"prior"``, ``"sigma_t"``; their CG needs no network call).
@@ -86,7 +91,7 @@ class MMPSDenoiser(nn.Module):
     Raises:
         ValueError: if ``y`` is not finite, ``operator`` does not have batch shape
             ``(B,)`` with ``B = len(y)``, ``noise_std <= 0``, ``maxiter < 1``, ``tol < 0``,
-            ``covariance`` is unknown, ``prior`` is given with another covariance than
+            ``covariance`` or ``solver`` is unknown, ``prior`` is given with another covariance than
             ``"prior"`` / ``"sigma_x"`` (or missing for ``"sigma_x"``), or its feature count
             does not match the operator's input; at
             call time if ``x_t`` or ``sigma`` have the wrong shape or ``sigma <= 0``.
@@ -103,8 +108,11 @@ class MMPSDenoiser(nn.Module):
         tol: float = 0.0,
         covariance: str = "tweedie",
         prior=None,
+        solver: str = "cg",
     ):
         super().__init__()
+        if solver not in SOLVERS:
+            raise ValueError(f"`solver` must be one of {SOLVERS}, got {solver!r}")
         self.noise_std = check_observation(y, operator, noise_std)
         if covariance not in COVARIANCES:
             raise ValueError(f"`covariance` must be one of {COVARIANCES}, got {covariance!r}")
@@ -126,6 +134,7 @@ class MMPSDenoiser(nn.Module):
         self.tol = check_tol(tol)
         self.covariance = covariance
         self.prior = prior
+        self.solver = solver
 
     def forward(self, x_t: Tensor, sigma) -> Tensor:
         sigma = sigma_vector(sigma, x_t, self.y.shape[0])
@@ -143,7 +152,7 @@ class MMPSDenoiser(nn.Module):
                     w = vjp(A.T(p))  # J^T A^T p, reused for J^T A^T v
                     return var_y * p + s2_y * A(w), w
 
-                _, score = conjugate_gradient(matvec, b, maxiter=self.maxiter, tol=self.tol, companion=True)
+                _, score = solve(self.solver, matvec, b, maxiter=self.maxiter, tol=self.tol, companion=True)
             else:
                 if self.covariance == "sigma_t":
 
@@ -163,7 +172,7 @@ class MMPSDenoiser(nn.Module):
                 def matvec(p: Tensor) -> Tensor:
                     return var_y * p + A(cov(A.T(p)))
 
-                v = conjugate_gradient(matvec, b, maxiter=self.maxiter, tol=self.tol)
+                v = solve(self.solver, matvec, b, maxiter=self.maxiter, tol=self.tol)
                 score = vjp(A.T(v))
 
         return (x_hat + s2_x * score).detach()

@@ -266,7 +266,8 @@ class ImageTask(Task):
             reps = torch.arange(m).repeat_interleave(k)
             # Tweedie MMPS with the E-step's sampler, steps and CG, whatever estep.covariance / guidance say
             # (README: known differences), so that the rows of an ablation are scored alike.
-            spec = SamplerSpec(method=est.method, steps=est.steps, maxiter=est.maxiter)
+            spec = SamplerSpec(method=est.method, steps=est.steps, maxiter=est.maxiter,
+                               solver=est.solver if est.guidance == "mmps" else "cg")
             posterior = spec.sample(
                 denoiser_of(pipeline.unet), obs.y[reps].to(pipeline.device), obs.operator[reps].to(pipeline.device),
                 obs.event_shape, make_generators(generator_seed, 1, indices=range(m * k)), noise_std=obs.noise_std,
