@@ -7,7 +7,8 @@ A run (``diffem train``, :mod:`diffem.em`) writes everything into one folder::
     metrics.jsonl         one JSON record per saved lap, updated when its evaluation lands (METRICS_FILE)
     lap_KK/               the prior after lap KK: a DiffusionPriorPipeline folder (model_index.json,
                           unet/, scheduler/) plus sampling.json, the E-step's and the evaluation's
-                          sampler settings (SAMPLING_FILE)
+                          sampler settings (SAMPLING_FILE), and lap_record.json, the lap's training
+                          record as saved with it (LAP_RECORD_FILE)
     eval/lap_KK.pt        small evaluation artifacts (samples for figures) (EVAL_DIR)
     work/lap_KK/          E-step chunks and the last M-step checkpoint of an unfinished lap (WORK_DIR)
     hub_uploads.json      the ledger of ``diffem publish`` (:mod:`diffem.hub.publish`)
@@ -32,6 +33,7 @@ __all__ = [
     "CONFIG_FILE",
     "METRICS_FILE",
     "SAMPLING_FILE",
+    "LAP_RECORD_FILE",
     "OBSERVATIONS_DIR",
     "EVAL_DIR",
     "WORK_DIR",
@@ -55,6 +57,9 @@ CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
 #: The file of a saved lap that holds its E-step and evaluation sampler settings.
 SAMPLING_FILE = "sampling.json"
+#: The lap's training record (E-step and M-step statistics), saved inside the lap folder with the
+#: prior, so that a kill between the save and ``metrics.jsonl`` loses nothing (diffem.em.trainer).
+LAP_RECORD_FILE = "lap_record.json"
 #: The observation set (a ``datasets`` folder).
 OBSERVATIONS_DIR = "observations"
 #: Evaluation artifacts, ``eval/lap_KK.pt``.

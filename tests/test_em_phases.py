@@ -245,3 +245,20 @@ def test_a_failing_estep_metric_is_recorded_and_the_lap_goes_on(tmp_path, monkey
     record = _records(tmp_path)[1]
     assert "no memory for the cost matrix" in record["estep_metrics_error"] and "sinkhorn_posterior" not in record
     assert (lap_dir(tmp_path, 1) / "model_index.json").exists()
+
+
+def test_a_lap_saved_without_its_record_gets_it_back_on_resume(tmp_path):
+    """A kill between saving lap_KK/ and writing metrics.jsonl: the record saved inside the lap folder
+    comes back (E-step and M-step statistics kept), and the lap's due evaluation runs."""
+    config = _config(tmp_path, "laps=1", "eval.samples=32", "data.eval_points=32")
+    first = {r["lap"]: r for r in make_trainer(config, progress=False).run()}
+    saved = json.loads((lap_dir(tmp_path, 1) / "lap_record.json").read_text())
+    assert saved["mstep_steps"] == first[1]["mstep_steps"] and saved["estep_sample_moments"] == first[1]["estep_sample_moments"]
+    # as if killed right after the save: lap 1's record never reached metrics.jsonl
+    lines = [l for l in (tmp_path / "metrics.jsonl").read_text().splitlines() if json.loads(l)["lap"] != 1]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    again = make_trainer(config, progress=False).run()
+    assert [r["lap"] for r in again] == [1]  # evaluated, not retrained
+    record = _records(tmp_path)[1]
+    assert record["restored"] is True and record["eval_status"] == "ok"
+    assert record["train_loss"] == first[1]["train_loss"] and record["sinkhorn"] == pytest.approx(first[1]["sinkhorn"])

@@ -31,7 +31,7 @@ import yaml
 
 from ..config import ConfigError, EMConfig, config_to_dict
 from ..pipeline import DiffusionPriorPipeline
-from ..runs import SAMPLING_FILE, is_complete, lap_dir, read_records
+from ..runs import LAP_RECORD_FILE, SAMPLING_FILE, is_complete, lap_dir, read_records
 from ..scheduler import VEScheduler
 
 __all__ = [
@@ -40,6 +40,7 @@ __all__ = [
     "atomic_torch_save",
     "atomic_write_text",
     "check_resume_config",
+    "saved_record",
     "changed_keys",
     "save_lap",
     "sampling_settings",
@@ -125,22 +126,32 @@ def sampling_settings(config: EMConfig) -> dict:
             "eval": {"method": v.method, "num_inference_steps": v.steps}}
 
 
-def save_lap(run_dir: Path, lap: int, unet, config: EMConfig) -> Path:
+def save_lap(run_dir: Path, lap: int, unet, config: EMConfig, record: dict | None = None) -> Path:
     """Save the prior of ``lap`` as a pipeline folder (call on the main process only).
 
     The pipeline's scheduler is the evaluation's (unconditional sampling);
     ``sampling.json`` beside it holds the E-step's settings (DDPM / PC steps, Langevin
     corrections, CG iterations) so that posterior sampling can repeat the E-step
-    (:func:`diffem.pipeline.estep_scheduler`).
+    (:func:`diffem.pipeline.estep_scheduler`). ``record`` (the lap's training record) is saved
+    inside the folder as ``lap_record.json``: the folder appears whole (one rename), so a
+    saved lap always carries its E-step and M-step statistics (:func:`saved_record`).
     """
     final = lap_dir(run_dir, lap)
     tmp = final.with_name(final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     DiffusionPriorPipeline(unet, VEScheduler(method=config.eval.method)).save_pretrained(tmp)
     (tmp / SAMPLING_FILE).write_text(json.dumps(sampling_settings(config), indent=2) + "\n")
+    if record is not None:
+        (tmp / LAP_RECORD_FILE).write_text(json.dumps(record) + "\n")
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     return final
+
+
+def saved_record(run_dir: Path, lap: int) -> dict | None:
+    """The training record saved with lap ``lap`` (:func:`save_lap`), or None (laps saved before it was)."""
+    path = lap_dir(run_dir, lap) / LAP_RECORD_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 class LapRecords:

@@ -36,7 +36,7 @@ from ..config import ConfigError, EMConfig, config_to_dict
 from ..observations import ObservationSet
 from ..pipeline import DiffusionPriorPipeline
 from ..random import derive_seed
-from .checkpoint import LapRecords, check_resume_config, is_complete, lap_dir, save_lap
+from .checkpoint import LapRecords, check_resume_config, is_complete, lap_dir, save_lap, saved_record
 from .estep import OutlierError, estep_covariance, run_estep, screen_samples
 from .evaluation import evaluate_lap, is_scheduled, needs_evaluation
 from .lap0 import run_lap0
@@ -206,6 +206,7 @@ class EMTrainer:
         done = set(self.laps_done())
         records = self.records.read()
         self.accelerator.wait_for_everyone()
+        records = self._restore_records(done, records)
         out = []
         for lap in sorted(done):
             if needs_evaluation(self.config, records.get(lap), lap):
@@ -216,6 +217,21 @@ class EMTrainer:
         if ran:  # the last lap's evaluated record (and any upload that failed) reaches the Hub too
             self.after_lap_saved(ran[-1])
         return out
+
+    def _restore_records(self, done: set[int], records: dict[int, dict]) -> dict[int, dict]:
+        """Saved laps missing from ``metrics.jsonl`` (a kill between the save and the record) get the
+        record saved with them back (:func:`~diffem.em.checkpoint.saved_record`), marked ``restored``;
+        their due evaluation then runs as for any pending lap."""
+        missing = sorted(k for k in done if k not in records)
+        restored = {k: r | {"restored": True} for k in missing if (r := saved_record(self.run_dir, k)) is not None}
+        if restored:
+            logger.warning(f"laps {sorted(restored)} were saved without their metrics.jsonl record (a kill between "
+                           "the two?): restored from their lap folders", main_process_only=True)
+            if self.accelerator.is_main_process:
+                for record in restored.values():
+                    self.records.write(record)
+            self.accelerator.wait_for_everyone()
+        return records | restored
 
     def lap0(self, obs: ObservationSet) -> dict:
         """Lap 0: fit the Gaussian prior, then save, record and evaluate it."""
@@ -309,16 +325,16 @@ class EMTrainer:
     def _finish_lap(self, lap: int, model, record: dict) -> dict:
         """Save the lap, write its record, call :meth:`after_lap_saved`, then evaluate it."""
         acc = self.accelerator
-        if acc.is_main_process:
-            save_lap(self.run_dir, lap, model, self.config)
-            shutil.rmtree(self.work_dir / f"lap_{lap:02d}", ignore_errors=True)
-        acc.wait_for_everyone()
         record |= {
             "processes": acc.num_processes,
             "precision": self.config.precision,
             "hardware": describe_hardware(acc.num_processes),
             "eval_status": "pending" if is_scheduled(self.config, lap) else "not scheduled",
         }
+        if acc.is_main_process:  # the record is saved inside the lap folder too: one rename makes both
+            save_lap(self.run_dir, lap, model, self.config, record)
+            shutil.rmtree(self.work_dir / f"lap_{lap:02d}", ignore_errors=True)
+        acc.wait_for_everyone()
         self._write_record(record)
         self.after_lap_saved(lap)
         if is_scheduled(self.config, lap):

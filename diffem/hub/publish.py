@@ -23,7 +23,7 @@ from typing import Callable
 
 from .. import runs
 from ..pipeline import PIPELINE_MODULE
-from ..runs import Run, lap_dir
+from ..runs import LAP_RECORD_FILE, Run, lap_dir
 from .card import CARD_KEYS, build_model_card, has_metrics
 from .names import PublishError, check_repo_id, hub_offline, redact, resolve_token, revision_name
 
@@ -179,9 +179,9 @@ def build_repo_folder(run_dir, lap: int, out_dir, repo_id: str, run: Run | None 
     shutil.rmtree(tmp, ignore_errors=True)
     pipe = DiffusionPriorPipeline.from_pretrained(source)
     pipe.save_pretrained(tmp)
-    for path in source.rglob("*"):  # whatever else the lap folder holds
+    for path in source.rglob("*"):  # whatever else the lap folder holds (its training record: metrics.json below)
         target = tmp / path.relative_to(source)
-        if path.is_file() and not target.exists():
+        if path.is_file() and not target.exists() and path.name != LAP_RECORD_FILE:
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(path, target)
     _strip_local_paths(tmp)
