@@ -352,9 +352,6 @@ def test_compressed_sensing_reproduces_a_fully_sampled_slice():
         cs.reconstruct("wavelet", y, mask, 1e-3)
 
 
-@pytest.mark.xfail(strict=True, reason="reconstruct keeps the real part of sigpy's complex solution: a column whose "
-                   "mirror is unobserved loses half of itself (data consistency ~0.2 at lambda -> 0, where the "
-                   "zero-filled A+ y, which counts those columns twice, has the noise floor)")
 def test_compressed_sensing_is_data_consistent_as_lambda_vanishes():
     pytest.importorskip("sigpy")
     cs = load_script(ROOT / "experiments" / "mri" / "compressed_sensing.py", "mri_cs")

@@ -11,7 +11,9 @@ every acceleration of ``data.eval_accelerations`` the script reconstructs the sa
 through the same masks and noise as the table's EM rows (``MriTask.evaluation_observations``),
 with sigpy's ``mri.app.L1WaveletRecon`` (Daubechies-4 wavelets) and ``mri.app.TotalVariationRecon``
 on diffem's own operator and k-space: y = M (FFT2c(x) + sigma_y e) is sigpy's centred orthonormal
-FFT, single coil (sensitivity 1), the column mask as its k-space weights. The images are
+FFT, single coil (sensitivity 1), the column mask as its k-space weights. The image is real, so
+its spectrum is conjugate-symmetric: each sampled column's mirror is filled in from it before the
+complex solve (as the zero-filled A+ y counts it), and the real part of the solution is kept. The images are
 reconstructed in intensity units u = (x + 2) / 4 (background 0; k-space shifted by the transform of
 the constant -2), and scored as the EM rows are: PSNR, SSIM (7x7 uniform window) and NMSE of |u|
 against the truth, data range 1, and the data consistency ||A x - y|| / ||y||.
@@ -66,10 +68,18 @@ def reconstruct(method: str, y: torch.Tensor, mask: torch.Tensor, lamda: float, 
     # intensity units u = (x + 2) / 4: A u = (A x + 2 A 1) / 4, with A x = y
     shift = A(torch.ones(n, 1, s, s))
     y_u = ((y + 2 * shift) / 4).double().numpy()
+    # A real image's spectrum is conjugate-symmetric, X(-k) = conj X(k): a sampled column also gives its
+    # mirror. Filling those in before the complex solve keeps the real part of the solution data-consistent
+    # (otherwise a column whose mirror is unobserved loses half of itself to the real part).
+    mirror = (s - np.arange(s)) % s  # index of -k in the centred FFT's ordering
     out = []
     for i in range(n):
-        ksp = (y_u[i, 0] + 1j * y_u[i, 1])[None]  # (coils=1, S, S)
-        weights = np.broadcast_to(mask[i].numpy()[None, :], (s, s)).astype(np.float64)[None]
+        ksp = y_u[i, 0] + 1j * y_u[i, 1]
+        sampled = mask[i].numpy().astype(bool)
+        mirrored = np.conj(ksp[np.ix_(mirror, mirror)])
+        extra = sampled[mirror] & ~sampled
+        ksp = np.where(extra[None, :], mirrored, ksp)[None]  # (coils=1, S, S)
+        weights = np.broadcast_to((sampled | extra)[None, :], (s, s)).astype(np.float64)[None]
         mps = np.ones_like(ksp)
         if method == "l1_wavelet":
             app = sigpy.mri.app.L1WaveletRecon(ksp, mps, lamda, weights=weights, max_iter=max_iter, show_pbar=False)

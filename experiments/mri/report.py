@@ -2,6 +2,7 @@
 
     python experiments/mri/report.py RUN_DIR [--table tables/mri.md] [--figure figures/mri.png]
         [--laps-figure figures/mri_laps.png] [--results-dir experiments/mri/results] [--slice 6]
+        [--cs <results-dir>/<profile>-cs.json]
 
 RUN_DIR is a run folder (``config.yaml``, ``metrics.jsonl``, ``eval/lap_KK.pt``) or a
 results folder written by this script (``config.yaml``, ``metrics.jsonl``,
@@ -10,11 +11,20 @@ per-lap evaluation artifacts (held-out slices: masks, zero-filled images, poster
 means and standard deviations, ground truth). Unless the profile is ``smoke``, the run's
 ``config.yaml``, ``metrics.jsonl`` and the few images of the figures (``figure_data.pt``)
 are copied to ``<results-dir>/<profile>/``, from which this script regenerates everything.
+
+The compressed-sensing references (L1-wavelet and total variation, written by
+``experiments/mri/compressed_sensing.py``) are read from ``--cs`` (default
+``<results-dir>/<profile>-cs.json``, beside the results folder, which the copy above leaves
+alone) and, for the figure, the reconstructions beside it (``<profile>-cs.pt``). Without the
+JSON file their table cells say "not run"; without the ``.pt`` file the figure has no
+compressed-sensing columns. A file of another profile or another number of held-out slices
+is refused.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -34,6 +44,9 @@ from diffem.tasks.mri import MriTask  # noqa: E402
 FIGURE_R = ("4", "8", "16", "32")  # the paper's figure rows
 LAPS_R = "8"
 FIGURE_DATA = "figure_data.pt"
+CS_METHODS = {"l1_wavelet": "L1-wavelet", "total_variation": "TV"}  # compressed_sensing.py's keys, as shown
+BEAT_CS_R = ("4", "8", "16")  # the accelerations of "Does the EM prior beat compressed sensing?"
+NOT_RUN = "not run"
 
 
 def _magnitude(x: torch.Tensor) -> torch.Tensor:
@@ -89,6 +102,70 @@ def _float(tree):
     return tree
 
 
+def _shown(path: Path) -> str:
+    """A path as the table shows it: relative to the repository when inside it."""
+    try:
+        return str(path.resolve().relative_to(ROOT))
+    except ValueError:
+        return str(path)
+
+
+def read_cs(path: Path, config: dict, records: list[dict]) -> dict | None:
+    """The compressed-sensing results of ``compressed_sensing.py`` (its JSON, with ``"images"``: the
+    reconstructions ``{R: {method: (n, 1, S, S)}}`` of the ``.pt`` file beside it, or None), or None
+    when ``path`` does not exist.
+
+    Raises:
+        SystemExit: if the file is of another profile, or of another number of held-out slices
+            than the run's evaluation.
+    """
+    if not path.exists():
+        return None
+    cs = json.loads(path.read_text())
+    if cs.get("profile") != config["profile"]:
+        raise SystemExit(f"`{path}` holds compressed sensing of the {cs.get('profile')!r} profile, "
+                         f"not of this run's {config['profile']!r}")
+    n = next((r["eval_slices"] for r in _evaluated(records) if r.get("eval_slices")), None)
+    if n is not None and len(cs["test_slices"]) != n:
+        raise SystemExit(f"`{path}` reconstructed {len(cs['test_slices'])} held-out slices, the run evaluated {n}")
+    pt = path.with_suffix(".pt")
+    cs["images"] = torch.load(pt, map_location="cpu") if pt.exists() else None
+    for R, methods in (cs["images"] or {}).items():
+        for method, images in methods.items():
+            if len(images) != len(cs["test_slices"]):
+                raise SystemExit(f"`{pt}` holds {len(images)} {method} images at R = {R}, "
+                                 f"not the {len(cs['test_slices'])} test slices of `{path}`")
+    cs["path"] = path
+    return cs
+
+
+def _cs_entry(cs: dict | None, R: str, method: str) -> dict | None:
+    return None if cs is None else cs["accelerations"].get(R, {}).get(method)
+
+
+def _better_cs(cs: dict | None, R: str) -> tuple[str, dict] | None:
+    """The compressed-sensing method with the higher test PSNR at ``R`` and its entry, or None."""
+    found = [(method, e) for method in CS_METHODS if (e := _cs_entry(cs, R, method)) is not None]
+    return max(found, key=lambda item: item[1]["psnr"]) if found else None
+
+
+def _verdict(mine: float, reference: float) -> str:
+    return f"{'yes' if mine > reference else 'no'} ({fmt(mine)} vs {fmt(reference)})"
+
+
+def _cs_note(cs: dict | None, cs_path: Path) -> str:
+    if cs is None:
+        return (f"L1-wavelet and TV (compressed sensing): {NOT_RUN} (no `{_shown(cs_path)}`; "
+                "`python experiments/mri/compressed_sensing.py RUN_DIR` writes it).")
+    lambdas = ", ".join(f"{lam:g}" for lam in cs["lambdas"])
+    return (f"L1-wavelet and TV: compressed sensing with {cs['library']} (`mri.app.L1WaveletRecon`, "
+            f"`mri.app.TotalVariationRecon`, {cs['max_iter']} iterations) of the same held-out slices through the "
+            f"same masks and noise (`{_shown(cs['path'])}`, from `experiments/mri/compressed_sensing.py`); "
+            f"the weight lambda of each method and R (last column) was chosen among {lambdas} by PSNR on a validation "
+            f"set of {len(cs['validation_slices'])} clean held-out slices, disjoint from the test slices and from "
+            "training: an advantage the EM prior, which never sees a clean image, does not have.")
+
+
 # -- table ---------------------------------------------------------------------------------------
 def _wall(records: list[dict]) -> float:
     return sum(r.get("estep_time_s", 0) + r.get("mstep_time_s", 0) + (r.get("eval_time_s") or 0) for r in records)
@@ -132,7 +209,8 @@ def _settings(config: dict, records: list[dict]) -> list[str]:
         f"- hardware: {hardware(records)}",
         f"- wall time of the laps (E-step + M-step + evaluation): {_wall(records) / 60:.1f} min",
         "- the paper (Rozet et al. 2024, Section 5.3) published no MRI numbers, only a figure of posterior samples "
-        "at R = 4, 8, 16, 32: this table has nothing to compare with",
+        "at R = 4, 8, 16, 32: this table has no published number to compare with (the compressed-sensing "
+        "references are run here)",
         "- a real image's spectrum is conjugate-symmetric, so a sampled column also tells its mirror: the effective "
         "acceleration HW / rank(A) (column `R eff.`) is milder than the nominal R (fraction of columns kept), "
         "by up to a factor 2",
@@ -140,7 +218,11 @@ def _settings(config: dict, records: list[dict]) -> list[str]:
     return lines
 
 
-def write_table(config: dict, records: list[dict], path: Path, run_dir: Path) -> None:
+def write_table(config: dict, records: list[dict], path: Path, run_dir: Path, cs: dict | None = None,
+                cs_path: Path | None = None) -> None:
+    """The Markdown table; ``cs`` (:func:`read_cs`, None: "not run") adds the compressed-sensing references,
+    ``cs_path`` is where they were looked for."""
+    cs_path = cs_path or HERE / "results" / f"{config['profile']}-cs.json"
     evaluated = _evaluated(records)
     lines = ["# Accelerated MRI from undersampled k-space only: reconstructions of held-out slices by EM lap", "",
              "Generated by `experiments/mri/report.py` from the run's `metrics.jsonl`; do not edit by hand.", ""]
@@ -153,21 +235,29 @@ def write_table(config: dict, records: list[dict], path: Path, run_dir: Path) ->
     else:
         first, last = evaluated[0], evaluated[-1]
         lines += [
-            "## Summary: zero-filled, lap 0 (Gaussian) and the last lap (posterior mean)",
+            "## Summary: zero-filled, compressed sensing (L1-wavelet, TV), lap 0 (Gaussian) and the last lap "
+            "(posterior mean)",
             "",
-            f"| R | R eff. | kept columns | PSNR zero-filled | PSNR lap {first['lap']} | PSNR lap {last['lap']} "
-            f"| SSIM zero-filled | SSIM lap {first['lap']} | SSIM lap {last['lap']} | NMSE lap {last['lap']} "
-            f"| std lap {last['lap']} |",
-            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+            f"| R | R eff. | kept columns | PSNR zero-filled | PSNR L1-wavelet | PSNR TV | PSNR lap {first['lap']} "
+            f"| PSNR lap {last['lap']} | SSIM zero-filled | SSIM L1-wavelet | SSIM TV | SSIM lap {first['lap']} "
+            f"| SSIM lap {last['lap']} | NMSE lap {last['lap']} | std lap {last['lap']} | lambda L1-wavelet / TV |",
+            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for R, m in last["accelerations"].items():
             f = first["accelerations"].get(R, {})
+            ref = [_cs_entry(cs, R, method) for method in CS_METHODS]  # L1-wavelet, TV
+            cells = lambda key: " | ".join(NOT_RUN if e is None else fmt(e[key]) for e in ref)  # noqa: E731
+            lam = (NOT_RUN if all(e is None for e in ref)
+                   else " / ".join(NOT_RUN if e is None else f"{e['lambda']:g}" for e in ref))
             lines.append(
                 f"| {R} | {fmt(m.get('effective_acceleration'))} | {100 * m.get('kept_fraction', 0):.1f} % | "
-                f"{fmt(m['psnr_zero_filled'])} | {fmt(f.get('psnr_posterior_mean'))} | {fmt(m['psnr_posterior_mean'])} | "
-                f"{fmt(m['ssim_zero_filled'])} | {fmt(f.get('ssim_posterior_mean'))} | {fmt(m['ssim_posterior_mean'])} | "
-                f"{fmt(m['nmse_posterior_mean'])} | {fmt(m.get('posterior_std'))} |"
+                f"{fmt(m['psnr_zero_filled'])} | {cells('psnr')} | "
+                f"{fmt(f.get('psnr_posterior_mean'))} | {fmt(m['psnr_posterior_mean'])} | "
+                f"{fmt(m['ssim_zero_filled'])} | {cells('ssim')} | "
+                f"{fmt(f.get('ssim_posterior_mean'))} | {fmt(m['ssim_posterior_mean'])} | "
+                f"{fmt(m['nmse_posterior_mean'])} | {fmt(m.get('posterior_std'))} | {lam} |"
             )
+        lines += ["", _cs_note(cs, cs_path)]
         lines += ["", f"## Does the last lap's posterior mean beat the zero-filled image and lap {first['lap']}?", "",
                   "| R | PSNR vs zero-filled | PSNR vs lap 0 | SSIM vs zero-filled | SSIM vs lap 0 |",
                   "|---:|---|---|---|---|"]
@@ -175,13 +265,25 @@ def write_table(config: dict, records: list[dict], path: Path, run_dir: Path) ->
             m, f = last["accelerations"].get(R), first["accelerations"].get(R)
             if m is None or f is None:
                 continue
-
-            def verdict(key, reference):
-                mine = m[f"{key}_posterior_mean"]
-                return f"{'yes' if mine > reference else 'no'} ({fmt(mine)} vs {fmt(reference)})"
-
-            lines.append(f"| {R} | {verdict('psnr', m['psnr_zero_filled'])} | {verdict('psnr', f['psnr_posterior_mean'])} | "
-                         f"{verdict('ssim', m['ssim_zero_filled'])} | {verdict('ssim', f['ssim_posterior_mean'])} |")
+            psnr, ssim = m["psnr_posterior_mean"], m["ssim_posterior_mean"]
+            lines.append(f"| {R} | {_verdict(psnr, m['psnr_zero_filled'])} | {_verdict(psnr, f['psnr_posterior_mean'])} | "
+                         f"{_verdict(ssim, m['ssim_zero_filled'])} | {_verdict(ssim, f['ssim_posterior_mean'])} |")
+        lines += ["", "## Does the EM prior beat compressed sensing?", "",
+                  f"The last lap's (lap {last['lap']}) posterior mean against the better of L1-wavelet and TV by PSNR "
+                  "at each R (its lambda chosen on clean validation slices, see the summary).", "",
+                  "| R | better of L1-wavelet and TV (lambda) | PSNR | SSIM |", "|---:|---|---|---|"]
+        for R in BEAT_CS_R:
+            m = last["accelerations"].get(R)
+            if m is None:
+                continue
+            better = _better_cs(cs, R)
+            if better is None:
+                lines.append(f"| {R} | {NOT_RUN} | {NOT_RUN} | {NOT_RUN} |")
+                continue
+            method, e = better
+            lines.append(f"| {R} | {CS_METHODS[method]} ({e['lambda']:g}) | {_verdict(m['psnr_posterior_mean'], e['psnr'])} "
+                         f"| {_verdict(m['ssim_posterior_mean'], e['ssim'])} |")
+        lines += ["", "- how far from the oracle: not run (a prior trained on the clean slices: issue 25)"]
         lines += ["", "## Every evaluated lap", ""]
         for R in last["accelerations"]:
             lines += [
@@ -228,7 +330,15 @@ def _blank(path: Path, title: str) -> None:
     save_figure(fig, path, title)
 
 
-def write_figure(data: dict | None, path: Path) -> None:
+def _psnr_label(ax, image, truth, prefix: str = "") -> None:
+    """This slice's PSNR under a panel."""
+    value = 10 * torch.log10(1 / (image.float() - truth).square().mean()).item()
+    ax.set_xlabel(f"{prefix}{value:.1f} dB", fontsize=7, labelpad=2)
+
+
+def write_figure(data: dict | None, path: Path, cs: dict | None = None) -> None:
+    """The figure of one held-out slice per R; with ``cs``'s reconstructions (:func:`read_cs`), the
+    L1-wavelet and TV images of the same slice (``data["slice"]`` indexes the evaluated slices)."""
     title = "MRI: posterior samples of a held-out slice from undersampled k-space"
     if data is None:
         return _blank(path, title)
@@ -238,25 +348,42 @@ def write_figure(data: dict | None, path: Path) -> None:
     # A robust scale (the median over rows of each row's 99th percentile): one diverged sample must not darken the rest.
     stds = [data["accelerations"][R]["std"] for R in rows if data["accelerations"][R]["std"] is not None]
     std_max = float(torch.stack([s.flatten().quantile(0.99) for s in stds]).median()) if stds else 1.0
-    cols = ["mask", "zero-filled (A+ y)", "sample 1", "sample 2", "posterior std", "ground truth"]
-    fig, axes = plt.subplots(len(rows), len(cols), figsize=(1.7 * len(cols), 1.75 * len(rows) + 0.4), squeeze=False)
+    images = (cs or {}).get("images")
+    methods = list(CS_METHODS) if images else []
+    cols = (["mask", "zero-filled (A+ y)"] + [f"{CS_METHODS[m]} (CS)" for m in methods]
+            + ["sample 1", "sample 2", "posterior std", "ground truth"])
+    fig, axes = plt.subplots(len(rows), len(cols), figsize=(1.7 * len(cols), 1.85 * len(rows) + 0.4), squeeze=False)
     for row, R in zip(axes, rows):
         a = data["accelerations"][R]
         size = truth.shape[-1]
         mask_image = a["mask"].float()[None, :].expand(size, -1)
         _show(row[0], mask_image, vmax=1)
         _show(row[1], a["zero_filled"], vmax=vmax)
-        _show(row[2], a["samples"][0], vmax=vmax)
-        _show(row[3], a["samples"][min(1, len(a["samples"]) - 1)], vmax=vmax)
+        _psnr_label(row[1], a["zero_filled"], truth)
+        for j, method in enumerate(methods, start=2):
+            recon = images.get(R, {}).get(method)
+            if recon is None:
+                row[j].axis("off")
+                row[j].text(0.5, 0.5, NOT_RUN, ha="center", va="center", fontsize=8, transform=row[j].transAxes)
+                continue
+            image = _magnitude(recon[data["slice"]])
+            _show(row[j], image, vmax=vmax)
+            entry = _cs_entry(cs, R, method)
+            _psnr_label(row[j], image, truth, "" if entry is None else f"lambda {entry['lambda']:g}: ")
+        k = 2 + len(methods)
+        for j, s in enumerate((0, min(1, len(a["samples"]) - 1))):
+            _show(row[k + j], a["samples"][s], vmax=vmax)
+            _psnr_label(row[k + j], a["samples"][s], truth)
         if a["std"] is not None:
-            _show(row[4], a["std"], cmap="magma", vmax=std_max)
+            _show(row[k + 2], a["std"], cmap="magma", vmax=std_max)
         else:
-            row[4].axis("off")
-        _show(row[5], truth, vmax=vmax)
+            row[k + 2].axis("off")
+        _show(row[k + 3], truth, vmax=vmax)
         row[0].set_ylabel(f"R = {R}", fontsize=9)
     for ax, name in zip(axes[0], cols):
         ax.set_title(name, fontsize=8)
-    save_figure(fig, path, f"{title} (lap {data['last_lap']}; std colour scale 0-{std_max:.2f}, clipped)", dpi=130, fontsize=9)
+    save_figure(fig, path, f"{title} (lap {data['last_lap']}; PSNR of this slice under each image; std colour scale "
+                           f"0-{std_max:.2f}, clipped)", dpi=130, fontsize=9)
 
 
 def write_laps_figure(data: dict | None, path: Path) -> None:
@@ -290,19 +417,25 @@ def main(argv=None) -> int:
     parser.add_argument("--laps-figure", type=Path, default=None, help="default: <figure stem>_laps.png")
     parser.add_argument("--results-dir", type=Path, default=HERE / "results")
     parser.add_argument("--slice", type=int, default=6, help="held-out slice shown in the figures (index among the evaluated ones)")
+    parser.add_argument("--cs", type=Path, default=None,
+                        help="compressed-sensing results of experiments/mri/compressed_sensing.py (the .pt of "
+                             "reconstructions beside it) (default: <results-dir>/<profile>-cs.json; "
+                             "absent: their rows say 'not run')")
     args = parser.parse_args(argv)
     laps_figure = args.laps_figure or args.figure.with_name(args.figure.stem + "_laps" + args.figure.suffix)
     config, records = read_run(args.run_dir)
     if config.get("experiment") != "mri":
         raise SystemExit(f"`{args.run_dir}` is a {config.get('experiment')!r} run, not mri")
+    cs_path = args.cs or args.results_dir / f"{config['profile']}-cs.json"
+    cs = read_cs(cs_path, config, records)
     data = figure_data(args.run_dir, records, args.slice)
-    write_table(config, records, args.table, args.run_dir)
-    write_figure(data, args.figure)
+    write_table(config, records, args.table, args.run_dir, cs, cs_path)
+    write_figure(data, args.figure, cs)
     write_laps_figure(data, laps_figure)
     if config["profile"] != "smoke":
         target = args.results_dir / config["profile"]
         if target.resolve() != args.run_dir.resolve():
-            target.mkdir(parents=True, exist_ok=True)
+            target.mkdir(parents=True, exist_ok=True)  # only these files are written: <profile>-cs.* beside it stay
             for name in ("config.yaml", "metrics.jsonl"):
                 (target / name).write_text((args.run_dir / name).read_text())
             if data is not None:  # float16: the figures need no more, and the file stays small
