@@ -134,7 +134,8 @@ def collect(run_dirs: list[Path], results_dir: Path, em_results: Path, profile: 
         p = float(config["data"]["drop_prob"])
         found[(method, p)] = Row(method, p, run_dir, config, records, source="run")
     wanted = [("oracle", oracle_level)] + [("naive", p) for p in naive_levels]
-    wanted += [(m, p) for m in ("em-dps", "ambient", "em-mmps") for p in levels]
+    wanted += [(m, p) for m in ("em-dps", "ambient") for p in levels]
+    wanted += [("em-mmps", p) for p in sorted(set(levels) | set(naive_levels))]  # EM beside naive at every level
     for method, p in wanted:
         if (method, p) in found:
             continue

@@ -9,7 +9,8 @@ them, the existing ``<runs-root>/cifar10-<profile>-p25``, ``-p50`` and ``-p75``.
 corruption level of a run is read from its config (``data.drop_prob``). A level without a
 run is taken from the committed result files ``<results-dir>/<profile>-pNN/`` when they
 exist (a partial rerun such as ``LEVELS=0.75 bash reproduce.sh cifar10`` keeps the other
-two levels), else reported as "not run", never filled in. The table says for each level
+two levels), else reported as "not run", never filled in. Committed levels beyond the paper's
+three (``<profile>-p60``, the EM run of experiments/cifar10-baselines) are extra rows. The table says for each level
 where its numbers come from.
 
 Every number comes from ``metrics.jsonl``. The figures' images come from the runs' per-lap
@@ -153,7 +154,13 @@ def collect(run_dirs: list[Path], results_dir: Path | None, profile: str) -> lis
         p = float(config["data"]["drop_prob"])
         found[p] = Level(p, run_dir, config, records, source="run")
     profiles = sorted({lv.config["profile"] for lv in found.values()}) or [profile]
-    for p in PAPER:
+    extra = []  # committed levels beyond the paper's (the 60 % level of experiments/cifar10-baselines)
+    if results_dir is not None and len(profiles) == 1:
+        for folder in sorted(results_dir.glob(f"{profiles[0]}-p[0-9][0-9]")):
+            p = int(folder.name[-2:]) / 100
+            if p not in PAPER:
+                extra.append(p)
+    for p in list(PAPER) + extra:
         if p in found or results_dir is None or len(profiles) != 1:
             continue
         committed = results_dir / f"{profiles[0]}-{level_tag(p)}"
