@@ -1,6 +1,7 @@
 """The ``diffem`` command.
 
     diffem train <experiment> [--profile P] [--config FILE] [--output-dir DIR] [--set key=value ...] [--dry-run]
+    diffem train custom --data PATH_OR_ID [--profile cpu | paper]   (your own observations: diffem.data.custom)
     diffem evaluate <run_dir> [--lap K | --missing] [--samples N] [--set eval.key=value ...]
     diffem fork <run_dir> --lap K --output-dir DIR [--set estep.key=value ...]
     diffem setup-inception
@@ -43,7 +44,8 @@ def _train(args) -> int:
     if args.profile is None and args.config is None:  # say which profile runs, and why, before any work
         why = "CUDA found" if profile == "paper" else "no CUDA"
         print(f"diffem: profile {profile} ({why}; --profile cpu | paper chooses)", file=sys.stderr)
-    config = load_config(args.experiment, profile, path=args.config, overrides=args.set)
+    overrides = list(args.set) + ([f"data.path={args.data}"] if args.data else [])
+    config = load_config(args.experiment, profile, path=args.config, overrides=overrides)
     if args.output_dir:
         config.output_dir = args.output_dir
     # Experiment-specific options are checked here too, before any work.
@@ -162,6 +164,9 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("--profile", default=None, help="config profile (default: paper with CUDA, else cpu)")
     train.add_argument("--config", default=None, help="explicit YAML config file")
     train.add_argument("--output-dir", default=None)
+    train.add_argument("--data", default=None, metavar="PATH_OR_ID",
+                       help="`diffem train custom`: your observation dataset (diffem.data.custom: a save_to_disk "
+                            "folder, parquet, .npz or a Hub dataset id); sets data.path")
     train.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE", help="config overrides, e.g. mstep.lr=1e-3")
     train.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
     train.add_argument("--no-progress", action="store_true")

@@ -199,6 +199,7 @@ TASKS = {
     "mnist": "diffem.tasks.mnist:MnistTask",
     "cifar10": "diffem.tasks.cifar10:Cifar10Task",
     "mri": "diffem.tasks.mri:MriTask",
+    "custom": "diffem.tasks.custom:CustomTask",
 }
 
 
