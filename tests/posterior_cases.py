@@ -8,7 +8,7 @@ Imported by the test modules as ``from posterior_cases import ...`` (pytest puts
 import torch
 
 from diffem.gaussian import GaussianPrior
-from diffem.operators import Mask, Projection
+from diffem.operators import Mask, Projection, SenseFourier
 
 
 def gen(seed: int) -> torch.Generator:
@@ -29,8 +29,23 @@ def projection_case(B: int, g: torch.Generator):
     return Projection(M / M.norm(dim=-1, keepdim=True)), (5,)
 
 
+def sense_case(B: int, g: torch.Generator):
+    """3 coils of smooth random complex sensitivities on ``(1, 4, 4)`` images, a random 2-D k-space mask (DC
+    always sampled), batch ``(B,)``."""
+    h = w = 4
+    yy, xx = torch.meshgrid(torch.linspace(-1, 1, h, dtype=torch.float64), torch.linspace(-1, 1, w, dtype=torch.float64),
+                            indexing="ij")
+    coef = torch.randn(B, 3, 3, 2, generator=g, dtype=torch.float64)
+    basis = torch.stack([torch.ones_like(xx), xx, yy])  # (3, H, W): a low-order field per coil
+    maps = torch.complex(torch.einsum("bcki,khw->bchw", coef[..., :1].expand(B, 3, 3, 1), basis),
+                         torch.einsum("bcki,khw->bchw", coef[..., 1:], basis)) + 1.0
+    mask = torch.rand(B, h, w, generator=g) < 0.5
+    mask[:, h // 2, w // 2] = True
+    return SenseFourier(mask, maps), (1, h, w)
+
+
 #: The observation cases by name: ``case(B, g) -> (operator, event_shape)``.
-CASES = {"mask": mask_case, "projection": projection_case}
+CASES = {"mask": mask_case, "projection": projection_case, "sense": sense_case}
 
 
 def low_rank_prior(d, event, g, rank=2, diag=0.3, identity=False) -> GaussianPrior:

@@ -261,7 +261,7 @@ def test_fast_mmps_equals_the_straightforward_form(case, maxiter, tol):
     out = MMPSDenoiser(denoiser, y, A, 0.05, maxiter=maxiter, tol=tol)(x_t, sigma)
     ref, x_hat = reference_mmps(denoiser, y, A, 0.05, x_t, sigma, maxiter, tol)
     assert _relative_to_correction(out, ref, x_hat) <= 1e-10
-    if tol > 0 and maxiter > 1:  # early stopping did act: the result differs from the full run
+    if tol > 0 and maxiter > 1 and case != "sense":  # early stopping did act (the sense case's CG never meets 0.3 early)
         full, _ = reference_mmps(denoiser, y, A, 0.05, x_t, sigma, maxiter, 0.0)
         assert (ref - full).abs().max() > 1e-8
 

@@ -25,7 +25,7 @@ The operators live in submodules, all re-exported here:
   :class:`Identity`, :class:`GaussianObservation` and the argument checks;
 - :mod:`diffem.operators.image`: :class:`Mask` (pixel masks, boxes), :class:`SuperResolution`,
   :class:`GaussianBlur`;
-- :mod:`diffem.operators.fourier`: :class:`SubsampledFourier` (MRI k-space);
+- :mod:`diffem.operators.fourier`: :class:`SubsampledFourier` (MRI k-space) and :class:`SenseFourier` (multi-coil);
 - :mod:`diffem.operators.projection`: :class:`Projection` (per-sample matrices).
 
 The fastMRI column-mask policy (:func:`column_mask`, :func:`column_mask_fraction`) lives beside
@@ -48,7 +48,7 @@ from .base import (
     check_mask,
     check_noise_std,
 )
-from .fourier import SubsampledFourier
+from .fourier import SenseFourier, SubsampledFourier
 from .image import GaussianBlur, Mask, SuperResolution
 from .projection import Projection
 
@@ -59,6 +59,7 @@ __all__ = [
     "Mask",
     "Projection",
     "SubsampledFourier",
+    "SenseFourier",
     "SuperResolution",
     "GaussianBlur",
     "GaussianObservation",

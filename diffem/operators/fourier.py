@@ -15,7 +15,17 @@ from torch import Tensor
 
 from .base import LinearOperator, check_mask
 
-__all__ = ["SubsampledFourier"]
+__all__ = ["SubsampledFourier", "SenseFourier", "fft2c", "ifft2c"]
+
+
+def fft2c(image: Tensor) -> Tensor:
+    """The centred orthonormal 2-D DFT over the last two axes (fastMRI's and sigpy's convention)."""
+    return torch.fft.fftshift(torch.fft.fft2(torch.fft.ifftshift(image, dim=(-2, -1)), norm="ortho"), dim=(-2, -1))
+
+
+def ifft2c(kspace: Tensor) -> Tensor:
+    """The inverse of :func:`fft2c`."""
+    return torch.fft.fftshift(torch.fft.ifft2(torch.fft.ifftshift(kspace, dim=(-2, -1)), norm="ortho"), dim=(-2, -1))
 
 
 class SubsampledFourier(LinearOperator):
@@ -132,3 +142,83 @@ class SubsampledFourier(LinearOperator):
         real image's spectrum is conjugate-symmetric.
         """
         return self.height * self.mask.shape[-1] / self.rank().double()
+
+
+class SenseFourier(LinearOperator):
+    r"""Multi-coil (SENSE) MRI: coil images, their centred orthonormal 2-D DFT, a 2-D sampling mask.
+
+    .. math:: (A x)_c = M \odot F_c (S_c \, x), \qquad c = 1, \dots, C,
+
+    for a real image :math:`x` ``(*batch, 1, H, W)``, complex coil sensitivities :math:`S_c`
+    (``maps``) and a k-space sampling pattern :math:`M` (``mask``, any 2-D pattern: columns,
+    variable density, ...). The output is the coils' masked k-space as real and imaginary
+    channels, ``(*batch, C, 2, H, W)``. As a map from real images to :math:`\mathbb{R}^{2CHW}`,
+    its adjoint is :math:`A^T y = \operatorname{Re} \sum_c \overline{S_c} \, F_c^H (M \odot y_c)`.
+
+    :meth:`sense_combination` is the zero-filled SENSE image
+    :math:`\operatorname{Re} \sum_c \overline{S_c} F_c^H y_c / \sum_c |S_c|^2` (the least-squares
+    image of fully sampled data); it is not the pseudo-inverse of ``A`` under undersampling.
+
+    Arguments:
+        mask: Boolean ``(*batch, H, W)``; True marks a sampled k-space point (centred indexing, DC at
+            ``(H // 2, W // 2)``). ``batch`` is ``()`` or ``(B,)``.
+        maps: Complex ``(*batch, C, H, W)`` coil sensitivities (e.g. ESPIRiT, sigpy's
+            ``mri.app.EspiritCalib``), the batch of ``mask``.
+
+    Raises:
+        ValueError: if ``mask`` is not boolean or observes nothing, ``maps`` is not complex or its
+            shape does not match the mask's, or a map is not finite.
+
+    References:
+        Pruessmann et al., "SENSE: sensitivity encoding for fast MRI", MRM 1999; Uecker et al.,
+        "ESPIRiT", MRM 2014.
+    """
+
+    params = ("mask", "maps")
+
+    def __init__(self, mask: Tensor, maps: Tensor):
+        check_mask("mask", mask, 2)
+        if not torch.is_tensor(maps) or not maps.is_complex():
+            raise ValueError(f"`maps` must be a complex tensor (*batch, C, H, W), got "
+                             f"{getattr(maps, 'dtype', type(maps).__name__)}")
+        if maps.dim() != mask.dim() + 1 or maps.shape[:-3] != mask.shape[:-2] or maps.shape[-2:] != mask.shape[-2:]:
+            raise ValueError(f"`maps` has shape {tuple(maps.shape)}, expected (*batch, C, H, W) with the batch and "
+                             f"(H, W) of `mask` {tuple(mask.shape)}")
+        if not bool(torch.isfinite(torch.view_as_real(maps)).all()):
+            raise ValueError("`maps` contains NaN or inf values")
+        self.mask, self.maps = mask, maps
+        self.coils = int(maps.shape[-3])
+        h, w = mask.shape[-2:]
+        self.batch_shape = tuple(mask.shape[:-2])
+        self.in_shape = (1, h, w)
+        self.out_shape = (self.coils, 2, h, w)
+
+    def _maps(self, like: Tensor) -> Tensor:
+        dtype = torch.complex128 if like.dtype == torch.float64 else torch.complex64
+        return self.maps.to(dtype)
+
+    def _forward(self, x: Tensor) -> Tensor:
+        coil = self._maps(x) * x[..., 0, None, :, :]  # (..., C, H, W)
+        k = fft2c(coil) * self.mask[..., None, :, :].to(x.dtype)
+        return torch.stack((k.real, k.imag), dim=-3)
+
+    def _adjoint(self, y: Tensor) -> Tensor:
+        k = torch.complex(y[..., 0, :, :], y[..., 1, :, :]) * self.mask[..., None, :, :].to(y.dtype)
+        image = (self._maps(y).conj() * ifft2c(k)).sum(-3)
+        return image.real[..., None, :, :]
+
+    def sense_combination(self, y: Tensor) -> Tensor:
+        """The zero-filled SENSE image ``(*batch, 1, H, W)`` of coil k-space ``y`` ``(*batch, C, 2, H, W)``."""
+        k = torch.complex(y[..., 0, :, :], y[..., 1, :, :])
+        maps = self._maps(y)
+        image = (maps.conj() * ifft2c(k)).sum(-3) / maps.abs().square().sum(-3).clamp_min(1e-12)
+        return image.real[..., None, :, :]
+
+    def to(self, *args, **kwargs) -> "SenseFourier":
+        """Move to a device (and a float dtype: the maps take its complex counterpart); the mask stays boolean."""
+        probe = torch.empty(0).to(*args, **kwargs)
+        complex_dtype = {torch.float64: torch.complex128, torch.float32: torch.complex64,
+                         torch.float16: torch.complex64, torch.bfloat16: torch.complex64}.get(probe.dtype)
+        has_dtype = any(isinstance(a, torch.dtype) for a in args) or "dtype" in kwargs
+        maps = self.maps.to(probe.device, dtype=complex_dtype if has_dtype else None)
+        return self._replace(mask=self.mask.to(probe.device), maps=maps)
