@@ -202,19 +202,33 @@ def main(argv: list[str] | None = None) -> int:
     pub.add_argument("--dry-run", action="store_true", help="print what would be uploaded and upload nothing")
     pub.set_defaults(func=_publish)
 
-    rec = sub.add_parser("reconstruct", help="reconstruct an MRI slice from undersampled k-space with a saved prior")
+    rec = sub.add_parser(
+        "reconstruct", help="reconstruct an MRI slice from undersampled k-space with a saved prior",
+        description="Resize policy. --h5 / --nifti / --npy: the magnitude slice is padded to a square with its "
+                    "background and resized to the prior's size S (the fully sampled slice, undersampled here at "
+                    "--acceleration). --kspace: the centred S x S block of the acquired k-space, an image of the "
+                    "same field of view at a lower resolution when the grid is larger (the output says which). "
+                    "Sampler settings default to the prior's own E-step (its sampling.json); the flags override.")
     rec.add_argument("prior_dir", help="a saved prior (lap_KK folder) or a run folder (its last lap)")
     source = rec.add_mutually_exclusive_group(required=True)
     source.add_argument("--h5", default=None, help="fastMRI .h5 file: its fully sampled 'kspace', undersampled here")
     source.add_argument("--nifti", default=None, help="NIfTI volume (magnitudes), undersampled here")
-    source.add_argument("--npy", default=None, help=".npy slice (H, W) or volume (N, H, W) of magnitudes, undersampled here")
+    source.add_argument("--npy", default=None, help=".npy slice (H, W) or volume (N, H, W) of magnitudes (the first "
+                        "axis is slices, never coils: coil data goes to --kspace), undersampled here")
+    source.add_argument("--kspace", default=None, help="acquired, undersampled k-space as it is: .npy (H, W) or "
+                        "(coils, H, W) complex, fastMRI .h5 (single- or multi-coil) or BART .cfl/.hdr; coil maps "
+                        "by ESPIRiT, the mask from --mask or the nonzero pattern")
+    rec.add_argument("--mask", default=None, help="--kspace: the sampling mask (.npy bool, (H, W)); default: the "
+                     "nonzero pattern of the k-space")
     rec.add_argument("--slice", type=int, default=None, help="slice of a volume (default: the middle one)")
     rec.add_argument("--axis", type=int, default=2, help="slicing axis of a NIfTI volume (RAS; 2: axial)")
     rec.add_argument("--acceleration", type=float, default=8.0, help="nominal acceleration R of the column mask")
     rec.add_argument("--samples", type=int, default=4, help="posterior samples (mean and std over them)")
-    rec.add_argument("--steps", type=int, default=64, help="sampler steps (DDPM)")
-    rec.add_argument("--maxiter", type=int, default=5, help="CG iterations of MMPS")
-    rec.add_argument("--noise-std", type=float, default=1e-2, help="k-space noise std (data units)")
+    rec.add_argument("--steps", type=int, default=None, help="sampler steps (default: the prior's E-step, sampling.json)")
+    rec.add_argument("--maxiter", type=int, default=None, help="CG iterations of MMPS (default: the prior's E-step)")
+    rec.add_argument("--noise-std", type=float, default=None, help="k-space noise std: data units of the prior for "
+                     "--h5 / --nifti / --npy (default 1e-2), k-space units for --kspace (default: estimated from "
+                     "the outer k-space)")
     rec.add_argument("--seed", type=int, default=0, help="seed of the mask, the noise and the samples")
     rec.add_argument("--output-dir", default="reconstruction")
     rec.set_defaults(func=_reconstruct)

@@ -475,3 +475,67 @@ def test_reconstruct_errors(smoke_run, tmp_path, capsys):
     code, _, err = _main(capsys, "reconstruct", tmp_path, "--npy", tmp_path / "four.npy")
     assert code == 2 and "neither a saved prior" in err
     assert not (tmp_path / "o").exists()
+
+
+def test_reconstruct_kspace_as_acquired_multi_coil_and_single_coil(smoke_run, tmp_path, capsys):
+    """Undersampled k-space as it is: the mask from its nonzero pattern (or --mask), coil maps by ESPIRiT,
+    the centred block at the prior's size, the sampler from the prior's sampling.json, a summary with data
+    consistency per coil beside sigpy's L1-wavelet reconstruction."""
+    pytest.importorskip("sigpy")
+    import sigpy.mri
+
+    size, coils = 24, 4
+    x = np.zeros((size, size), np.float32)
+    x[5:19, 7:17] = np.random.default_rng(0).uniform(0.5, 1.0, (14, 10))
+    maps = sigpy.mri.birdcage_maps((coils, size, size)).astype(np.complex64)
+    k = np.fft.fftshift(np.fft.fft2(np.fft.ifftshift(maps * x, axes=(-2, -1)), norm="ortho"), axes=(-2, -1))
+    mask = np.random.default_rng(1).random((size, size)) < 0.4
+    mask[size // 2 - 6: size // 2 + 6, size // 2 - 6: size // 2 + 6] = True  # a calibration centre
+    k = (k * mask).astype(np.complex64)
+    np.save(tmp_path / "ksp.npy", k)
+    np.save(tmp_path / "mask.npy", mask)
+    for name, extra in (("multi", []), ("given-mask", ["--mask", tmp_path / "mask.npy"])):
+        out = tmp_path / name
+        code, stdout, err = _main(capsys, "reconstruct", smoke_run, "--kspace", tmp_path / "ksp.npy", "--samples", "2",
+                                  "--output-dir", out, *extra)
+        assert code == 0, err[-3000:]
+        assert "from the prior's E-step" in err  # the sampler defaults to the prior's own, and says so
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["coils"] == coils and summary["mask"] == ("the nonzero pattern of the k-space" if not extra
+                                                                 else str(tmp_path / "mask.npy"))
+        assert "low-resolution" in summary["resolution"] and "16x16" in summary["resolution"]
+        assert len(summary["data_consistency_per_coil"]["posterior_mean"]) == coils
+        assert np.load(out / "posterior_mean.npy").shape == (16, 16) and (out / "reconstruction.png").stat().st_size > 0
+        assert np.load(out / "l1_wavelet.npy").shape == (16, 16) and np.load(out / "samples.npy").shape == (2, 16, 16)
+    np.save(tmp_path / "single.npy", k[0])
+    code, stdout, err = _main(capsys, "reconstruct", smoke_run, "--kspace", tmp_path / "single.npy", "--samples", "1",
+                              "--steps", "2", "--output-dir", tmp_path / "single")
+    assert code == 0, err[-3000:]
+    summary = json.loads(stdout.strip().splitlines()[-1])
+    assert summary["coils"] == 1 and summary["coil_maps"].startswith("one coil") and "--steps" in err
+
+
+def test_reconstruct_refuses_misuse_naming_the_file(smoke_run, tmp_path, capsys):
+    from test_data_mri import write_fastmri
+
+    (tmp_path / "corrupt.nii.gz").write_bytes(b"\x1f\x8b not a nifti")
+    write_fastmri(tmp_path / "knee.h5", slices=2, side=16)
+    import shutil
+
+    shutil.copy(tmp_path / "knee.h5", tmp_path / "knee.npy")  # an .h5 file given to --npy
+    write_fastmri(tmp_path / "multi.h5", slices=2, side=16,
+                  kspace=np.ones((2, 4, 16, 16), np.complex64))  # multi-coil fastMRI layout
+    np.save(tmp_path / "real.npy", np.ones((4, 16, 16), np.float32))
+    cases = [("--nifti", "corrupt.nii.gz", "not a readable NIfTI volume"),
+             ("--npy", "knee.npy", "an HDF5 file: use --h5 or --kspace"),
+             ("--h5", "multi.h5", "multi-coil (slices, coils, H, W)"),
+             ("--kspace", "real.npy", "k-space must be complex"),
+             ("--kspace", "knee.txt", "not found")]
+    for flag, name, message in cases:
+        code, _, err = _main(capsys, "reconstruct", smoke_run, flag, tmp_path / name, "--output-dir", tmp_path / "o")
+        assert code == 2 and message in err and name.split(".")[0] in err, (name, err[-2000:])
+    assert not (tmp_path / "o").exists()
+    # a real 3-D array is read as slices, and the summary says so
+    code, stdout, _ = _main(capsys, "reconstruct", smoke_run, "--npy", tmp_path / "real.npy", "--samples", "1",
+                            "--steps", "2", "--output-dir", tmp_path / "slices")
+    assert code == 0 and "(first axis: slices)" in json.loads(stdout.strip().splitlines()[-1])["input"]
