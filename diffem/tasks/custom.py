@@ -17,8 +17,8 @@ E-step's steps and CG), and
 
 - ``data_consistency_train`` / ``data_consistency_heldout``: the mean of
   :math:`\lVert A \hat x - y \rVert / \lVert y \rVert` over the samples, beside its noise floor
-  ``noise_floor`` (:math:`\sigma_y \sqrt{m} / \lVert y \rVert`, what a sample consistent with
-  the data up to the noise reaches); the held-out one is the held-out observation likelihood
+  ``noise_floor`` (:math:`\sigma_y \sqrt{m} / \lVert y \rVert`, ``m`` the observed entries: what a
+  sample consistent with the data up to the noise reaches); the held-out one is the held-out observation likelihood
   proxy (observations the prior never trained on);
 - ``posterior_spread``: the mean over observations and coordinates of the posterior standard
   deviation, data units;
@@ -164,7 +164,10 @@ class CustomTask(Task):
             norm = y.flatten(1).norm(dim=1)
             dc = (A(x) - y).flatten(1).norm(dim=1) / norm
             out[f"data_consistency_{name}"] = float(dc.mean())
-            out[f"noise_floor_{name}"] = float((obs.noise_std * math.sqrt(y[0].numel()) / norm).mean())
+            # the noise lives on the observed entries only: m = those of A A^T 1 (a mask's observed pixels,
+            # a projection's rows, a Fourier mask's sampled k-space entries)
+            m_obs = (A(A.T(torch.ones_like(y))).abs() > 1e-6).flatten(1).sum(1).double()
+            out[f"noise_floor_{name}"] = float((obs.noise_std * m_obs.sqrt() / norm).mean())
             samples = x.reshape(len(obs), k, *obs.event_shape)
             if name == "train":
                 out["posterior_spread"] = float(samples.std(1).mean()) if k > 1 else None

@@ -125,13 +125,20 @@ def _committed(folder: Path, method: str, p: float | None = None) -> Row | None:
 
 
 def collect(run_dirs: list[Path], results_dir: Path, em_results: Path, profile: str, base: str,
-            levels: list[float], naive_levels: list[float], oracle_level: float) -> dict[tuple[str, float], Row]:
-    """Rows by (method, level): this report's runs, else committed results, else absent."""
+            levels: list[float], naive_levels: list[float], oracle_level: float,
+            laps: int | None = None) -> dict[tuple[str, float], Row]:
+    """Rows by (method, level): this report's runs, else committed results, else absent. With ``laps`` (the
+    base profile's), a run of another lap count (e.g. the ablation's shared run, trained to lap 1) is left
+    out: the rows are at equal compute."""
     found: dict[tuple[str, float], Row] = {}
     for run_dir in run_dirs:
         if not ((run_dir / "config.yaml").exists() and (run_dir / "metrics.jsonl").exists()):
             continue  # not started
         config, records = read_run(run_dir)
+        if laps is not None and int(config["laps"]) != laps:
+            print(f"report: `{run_dir}` runs {config['laps']} laps, the profile {laps}: not at equal compute, left out",
+                  file=sys.stderr)
+            continue
         if not records or max(r["lap"] for r in records) < int(config["laps"]) or records[-1].get("fid") is None:
             print(f"report: `{run_dir}` has not finished its last lap's evaluation: left out", file=sys.stderr)
             continue
@@ -362,8 +369,9 @@ def main(argv=None) -> int:
     base = args.base or overlay["base"]
     levels = [float(p) for p in overlay["levels"]]
     naive_levels = [float(p) for p in overlay["naive_levels"]]
+    base_laps = yaml.safe_load((ROOT / "experiments" / "cifar10" / f"{base}.yaml").read_text())["laps"]
     found = collect(args.run_dirs, args.results_dir, args.em_results, args.profile, base, levels, naive_levels,
-                    float(overlay["oracle_level"]))
+                    float(overlay["oracle_level"]), laps=int(base_laps))
     write_table(found, args.table, args.profile, levels, naive_levels)
     write_figure(found, args.figure, max(levels))
     save_results(found, args.results_dir, args.em_results)

@@ -152,6 +152,13 @@ def collect(run_dirs: list[Path], results_dir: Path | None, profile: str) -> lis
         if config.get("experiment") != "cifar10":
             raise ValueError(f"`{run_dir}` is a {config.get('experiment')!r} run, not cifar10")
         p = float(config["data"]["drop_prob"])
+        committed = results_dir / f"{config['profile']}-{level_tag(p)}" if results_dir is not None else None
+        if committed is not None and (committed / "metrics.jsonl").exists():
+            _, kept = read_run(committed)
+            if max((r["lap"] for r in kept), default=-1) > max((r["lap"] for r in records), default=-1):
+                print(f"report: `{run_dir}` holds fewer laps than the committed `{committed}`: the committed "
+                      "results are kept (e.g. the ablation's shared run, trained to its fork lap)", file=sys.stderr)
+                continue
         found[p] = Level(p, run_dir, config, records, source="run")
     profiles = sorted({lv.config["profile"] for lv in found.values()}) or [profile]
     extra = []  # committed levels beyond the paper's (the 60 % level of experiments/cifar10-baselines)
