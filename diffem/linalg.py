@@ -51,6 +51,16 @@ def _expand(s: Tensor, like: Tensor) -> Tensor:
     return s.reshape(s.shape + (1,) * (like.dim() - 1))
 
 
+def _check_solve(b: Tensor, maxiter, tol) -> None:
+    """The arguments every solver shares; raises ValueError naming the bad one."""
+    if int(maxiter) != maxiter or maxiter < 1:
+        raise ValueError(f"`maxiter` must be an integer >= 1, got {maxiter!r}")
+    if tol < 0:
+        raise ValueError(f"`tol` must be >= 0, got {tol!r}")
+    if b.dim() < 2:
+        raise ValueError(f"`b` must have shape (B, ...), got {tuple(b.shape)}")
+
+
 def conjugate_gradient(
     matvec: Callable[[Tensor], Tensor],
     b: Tensor,
@@ -84,12 +94,7 @@ def conjugate_gradient(
         ValueError: if ``maxiter < 1``, ``tol < 0``, ``b`` has no batch dimension, or
             ``companion`` is set together with ``x0``.
     """
-    if int(maxiter) != maxiter or maxiter < 1:
-        raise ValueError(f"`maxiter` must be an integer >= 1, got {maxiter!r}")
-    if tol < 0:
-        raise ValueError(f"`tol` must be >= 0, got {tol!r}")
-    if b.dim() < 2:
-        raise ValueError(f"`b` must have shape (B, ...), got {tuple(b.shape)}")
+    _check_solve(b, maxiter, tol)
 
     if companion and x0 is not None:
         raise ValueError("`companion` needs `x0=None`: W v is accumulated from v0 = 0")
@@ -167,12 +172,7 @@ def gmres(
 
     Memory: ``maxiter + 1`` vectors of the shape of ``b`` (and ``maxiter`` of ``W p``).
     """
-    if int(maxiter) != maxiter or maxiter < 1:
-        raise ValueError(f"`maxiter` must be an integer >= 1, got {maxiter!r}")
-    if tol < 0:
-        raise ValueError(f"`tol` must be >= 0, got {tol!r}")
-    if b.dim() < 2:
-        raise ValueError(f"`b` must have shape (B, ...), got {tuple(b.shape)}")
+    _check_solve(b, maxiter, tol)
     k, n = int(maxiter), b.shape[0]
 
     def dot(u: Tensor, v: Tensor) -> Tensor:  # (B,) in float64

@@ -498,6 +498,7 @@ def reconstruct_kspace(pipeline, kspace: np.ndarray, mask: np.ndarray | None = N
     k = centre_crop_kspace(kspace * full_mask[None], s)
     m = centre_crop_kspace(full_mask[None].astype(np.complex64), s)[0].real > 0.5
     coils = k.shape[0]
+    coil = _centred_ifft2(k)  # the coils' zero-filled images, (C, S, S)
     maps_source = "given"
     if maps is None and coils == 1:
         maps, maps_source = np.ones((1, s, s), np.complex64), "one coil: sensitivity 1"
@@ -507,23 +508,19 @@ def reconstruct_kspace(pipeline, kspace: np.ndarray, mask: np.ndarray | None = N
                                           show_pbar=False).run()
         maps_source = f"ESPIRiT (sigpy mri.app.EspiritCalib, calibration {width}x{width})"
         if not np.abs(maps).max() > 0:  # too small a calibration region: the coils' own low-resolution images
-            coil = np.fft.fftshift(np.fft.ifft2(np.fft.ifftshift(k, axes=(-2, -1)), norm="ortho"), axes=(-2, -1))
             maps = coil / np.sqrt((np.abs(coil) ** 2).sum(0, keepdims=True)).clip(1e-12)
             maps_source = "the coil images over their root sum of squares (ESPIRiT found no map at this size)"
     if maps_source != "given":
         # The prior models a real (magnitude) image: absorb the phase of the zero-filled SENSE image into the
         # maps, so that the image they combine to is real and non-negative (a smooth phase, estimated from the
         # centre of k-space, which the calibration region samples fully).
-        coil = np.fft.fftshift(np.fft.ifft2(np.fft.ifftshift(k, axes=(-2, -1)), norm="ortho"), axes=(-2, -1))
         phase = np.exp(1j * np.angle((np.conj(maps) * coil).sum(0)))
         maps = maps * phase[None]
         maps_source += ", image phase absorbed"
     maps_t = torch.from_numpy(np.ascontiguousarray(maps)).to(torch.complex64)[None]
     A = SenseFourier(torch.from_numpy(m)[None], maps_t)
     y = torch.from_numpy(np.stack([k.real, k.imag], axis=1).astype(np.float32))[None]  # (1, C, 2, S, S)
-    combined = (maps_t.conj() * torch.from_numpy(np.fft.fftshift(np.fft.ifft2(np.fft.ifftshift(k, axes=(-2, -1)),
-                                                                               norm="ortho"), axes=(-2, -1)))[None]).sum(1)
-    peak = float(combined.abs().max())
+    peak = float(np.abs((np.conj(maps) * coil).sum(0)).max())  # of the zero-filled SENSE image
     if not peak > 0:
         raise ValueError("the k-space is empty (its zero-filled image is 0)")
     y_prior = 4 * y / peak - 2 * A(torch.ones(1, *event))

@@ -78,11 +78,14 @@ class CustomTask(Task):
         return int(math.floor(float(self.data["holdout"]) * n))
 
     def _all_observations(self) -> ObservationSet:
-        from ..data.custom import to_observation_set
+        """The first ``data.observations`` observations in [-2, 2] units (mapped once, then kept)."""
+        if getattr(self, "_mapped", None) is None:
+            from ..data.custom import to_observation_set
 
-        obs = to_observation_set(self._dataset())
-        n = len(obs) if self.data["observations"] is None else int(self.data["observations"])
-        return obs[:n]
+            obs = to_observation_set(self._dataset())
+            n = len(obs) if self.data["observations"] is None else int(self.data["observations"])
+            self._mapped = obs[:n]
+        return self._mapped
 
     @property
     def event_shape(self) -> tuple:
