@@ -44,8 +44,14 @@ def sense_case(B: int, g: torch.Generator):
     return SenseFourier(mask, maps), (1, h, w)
 
 
+def complex_sense_case(B: int, g: torch.Generator):
+    """:func:`sense_case` on complex images ``(2, 4, 4)`` (real and imaginary channels)."""
+    A, (_, h, w) = sense_case(B, g)
+    return SenseFourier(A.mask, A.maps, complex_images=True), (2, h, w)
+
+
 #: The observation cases by name: ``case(B, g) -> (operator, event_shape)``.
-CASES = {"mask": mask_case, "projection": projection_case, "sense": sense_case}
+CASES = {"mask": mask_case, "projection": projection_case, "sense": sense_case, "sense-complex": complex_sense_case}
 
 
 def low_rank_prior(d, event, g, rank=2, diag=0.3, identity=False) -> GaussianPrior:

@@ -46,6 +46,15 @@ def make_operator(kind, batch, g):
         mask[..., 3, 3] = True
         maps = torch.complex(torch.randn(*batch, 3, 6, 7, generator=g), torch.randn(*batch, 3, 6, 7, generator=g))
         return SenseFourier(mask, maps), (1, 6, 7), (3, 2, 6, 7)
+    if kind == "fourier-complex":  # complex images as (real, imaginary) channels: no conjugate symmetry
+        mask = torch.rand(*batch, 7, generator=g) < 0.5
+        mask[..., 3] = True
+        return SubsampledFourier(mask, height=6, complex_images=True), (2, 6, 7), (2, 6, 7)
+    if kind == "sense-complex":
+        mask = torch.rand(*batch, 6, 7, generator=g) < 0.5
+        mask[..., 3, 3] = True
+        maps = torch.complex(torch.randn(*batch, 3, 6, 7, generator=g), torch.randn(*batch, 3, 6, 7, generator=g))
+        return SenseFourier(mask, maps, complex_images=True), (2, 6, 7), (3, 2, 6, 7)
     if kind == "box":
         top = torch.randint(0, 3, batch, generator=g)
         left = torch.randint(0, 4, batch, generator=g)
@@ -59,8 +68,9 @@ def make_operator(kind, batch, g):
     raise AssertionError(kind)
 
 
-KINDS = ["identity", "mask", "projection", "fourier", "sense", "box", "superres", "blur"]
-PARAM_KINDS = ["mask", "projection", "fourier", "sense", "box", "blur"]  # with per-sample parameters
+KINDS = ["identity", "mask", "projection", "fourier", "sense", "fourier-complex", "sense-complex", "box", "superres",
+         "blur"]
+PARAM_KINDS = ["mask", "projection", "fourier", "sense", "fourier-complex", "sense-complex", "box", "blur"]  # with per-sample parameters
 
 
 # -- adjoint identity ----------------------------------------------------------------------------
@@ -450,7 +460,7 @@ def _fourier_sizes():
 
 
 @pytest.mark.parametrize("batch", BATCHES)
-@pytest.mark.parametrize("kind", [k for k in KINDS if k != "sense"])  # SENSE has no closed-form pseudo-inverse
+@pytest.mark.parametrize("kind", [k for k in KINDS if not k.startswith("sense")])  # SENSE has no closed-form pinv
 def test_pinv_penrose_identities(kind, batch):
     """A A^+ A = A and A^+ A A^+ = A^+ on random vectors, per sample."""
     g = _gen(20)
@@ -877,3 +887,32 @@ def test_sense_validation():
     bad[0, 0, 0] = float("nan")
     with pytest.raises(ValueError, match="NaN"):
         SenseFourier(mask, bad)
+
+
+def test_complex_fourier_is_a_partial_isometry_at_the_nominal_acceleration():
+    """On complex images there is no conjugate symmetry: A A^T = M, A^+ = A^T, rank 2H per sampled
+    column and the effective acceleration equals the nominal R = W / columns."""
+    g = _gen(90)
+    mask = torch.rand(3, 8, generator=g) < 0.4
+    mask[:, 4] = True
+    A = SubsampledFourier(mask, complex_images=True)
+    y = torch.randn(3, 2, 8, 8, generator=g, dtype=torch.float64) * mask[:, None, None, :]
+    torch.testing.assert_close(A(A.T(y)), y)
+    torch.testing.assert_close(A.pinv(y), A.T(y))
+    torch.testing.assert_close(A.effective_acceleration(), 8 / mask.sum(-1).double())
+    real = SubsampledFourier(mask)
+    assert bool((real.effective_acceleration() <= A.effective_acceleration()).all())
+    # A real image in the real channel is observed exactly as by the real-image operator.
+    x = torch.randn(3, 1, 8, 8, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(A(torch.cat([x, torch.zeros_like(x)], 1)), real(x))
+
+
+def test_complex_sense_with_normalised_maps_inverts_by_its_combination():
+    g = _gen(91)
+    maps = torch.complex(torch.randn(2, 4, 6, 6, generator=g, dtype=torch.float64),
+                         torch.randn(2, 4, 6, 6, generator=g, dtype=torch.float64))
+    maps = maps / maps.abs().square().sum(1, keepdim=True).sqrt()
+    A = SenseFourier(torch.ones(2, 6, 6, dtype=torch.bool), maps, complex_images=True)
+    x = torch.randn(2, 2, 6, 6, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(A.sense_combination(A(x)), x)
+    torch.testing.assert_close(A.T(A(x)), x)  # sum_c |S_c|^2 = 1 and full sampling: an isometry

@@ -55,6 +55,11 @@ from torch import Tensor
 from ..cache import resolve_cache_dir
 
 __all__ = [
+    "synthetic_phase",
+    "complex_images",
+    "complex_magnitude",
+    "magnitude_as_real",
+    "simulated_coil_maps",
     "DEFAULT_MRI_DIR",
     "BRAIN_VOLUMES",
     "FASTMRI_KEYS",
@@ -111,6 +116,87 @@ def normalize_volume(volume: np.ndarray | Tensor) -> Tensor:
 def to_magnitude(x: Tensor) -> Tensor:
     """Inverse of the [-2, 2] map: ``|x + 2| / 4`` (any shape), 1 at the volume's maximum."""
     return (x + 2.0).abs() / 4.0
+
+
+def synthetic_phase(size: int, generator: torch.Generator, scale: float = 1.0) -> Tensor:
+    r"""A smooth random phase map ``(size, size)`` in radians: a random quadratic polynomial.
+
+    .. math:: \varphi(u, v) = \varphi_0 + a u + b v + s (c u^2 + d u v + e v^2),
+
+    with :math:`u, v \in [-1, 1]` the centred pixel coordinates (rows, columns), the offset
+    :math:`\varphi_0 \sim U(-\pi, \pi)`, the linear coefficients :math:`a, b \sim \mathcal N(0, s^2)`
+    and the quadratic ones :math:`c, d, e \sim \mathcal N(0, s^2 / 4)` (``s = scale``). This is the
+    low-order shape of an MRI image's phase (B0 inhomogeneity, coil and receiver phase, a shifted
+    echo centre), without its high-frequency parts (flow, susceptibility); it gives the complex
+    training images a realistic spectrum that is not conjugate-symmetric. The draws come from
+    ``generator`` in the order offset, a, b, c, d, e.
+
+    Raises:
+        ValueError: if ``size`` < 2 or ``scale`` < 0.
+    """
+    if int(size) != size or size < 2:
+        raise ValueError(f"`size` must be an integer >= 2, got {size!r}")
+    if not scale >= 0:
+        raise ValueError(f"`scale` must be >= 0, got {scale!r}")
+    offset = (torch.rand((), generator=generator, dtype=torch.float64) * 2 - 1) * torch.pi
+    coef = torch.randn(5, generator=generator, dtype=torch.float64) * float(scale)
+    coef[2:] /= 2
+    u = torch.linspace(-1, 1, int(size), dtype=torch.float64)
+    uu, vv = torch.meshgrid(u, u, indexing="ij")
+    phase = offset + coef[0] * uu + coef[1] * vv + coef[2] * uu**2 + coef[3] * uu * vv + coef[4] * vv**2
+    return phase.float()
+
+
+def complex_images(x: Tensor, phases: Tensor) -> Tensor:
+    r"""Complex images from [-2, 2] magnitude images and phase maps: ``2 m e^{i phi}`` as two channels.
+
+    Arguments:
+        x: ``(N, 1, S, S)`` in [-2, 2] (magnitude ``m = (x + 2) / 4`` in [0, 1]).
+        phases: ``(N, S, S)`` radians (e.g. :func:`synthetic_phase`).
+
+    Returns:
+        ``(N, 2, S, S)`` float32 (real, imaginary), each in [-2, 2]; :func:`complex_magnitude`
+        gives ``m`` back.
+
+    Raises:
+        ValueError: if the shapes disagree.
+    """
+    if x.dim() != 4 or x.shape[1] != 1 or tuple(phases.shape) != (x.shape[0], *x.shape[2:]):
+        raise ValueError(f"`x` must be (N, 1, S, S) and `phases` (N, S, S), got {tuple(x.shape)} and {tuple(phases.shape)}")
+    m = 2.0 * to_magnitude(x[:, 0])
+    return torch.stack((m * torch.cos(phases), m * torch.sin(phases)), dim=1).float()
+
+
+def complex_magnitude(x: Tensor) -> Tensor:
+    r"""The magnitude in [0, 1] of complex images ``(..., 2, H, W)`` (:func:`complex_images`): ``|x_0 + i x_1| / 2``,
+    ``(..., 1, H, W)``."""
+    return torch.sqrt(x[..., 0:1, :, :].square() + x[..., 1:2, :, :].square()) / 2.0
+
+
+def magnitude_as_real(x: Tensor) -> Tensor:
+    """Complex images ``(..., 2, H, W)`` as the real [-2, 2] image of their magnitude, ``(..., 1, H, W)``
+    (:func:`to_magnitude` of it is :func:`complex_magnitude`): what figures and metrics show."""
+    return 4.0 * complex_magnitude(x) - 2.0
+
+
+def simulated_coil_maps(coils: int, size: int) -> Tensor:
+    r"""Simulated coil sensitivities ``(coils, size, size)`` complex64: sigpy's birdcage maps
+    (``sigpy.mri.birdcage_maps``, coils on a ring of radius 1.5 around the field of view),
+    normalised so that :math:`\sum_c |S_c|^2 = 1` at every pixel (as ESPIRiT's maps are), so the
+    SENSE combination of fully sampled k-space is the image itself.
+
+    Raises:
+        ValueError: if ``coils`` < 2 or ``size`` < 2.
+    """
+    import sigpy.mri
+
+    if int(coils) != coils or coils < 2:
+        raise ValueError(f"`coils` must be an integer >= 2, got {coils!r}")
+    if int(size) != size or size < 2:
+        raise ValueError(f"`size` must be an integer >= 2, got {size!r}")
+    maps = torch.as_tensor(sigpy.mri.birdcage_maps((int(coils), int(size), int(size))), dtype=torch.complex128)
+    maps = maps / maps.abs().square().sum(0, keepdim=True).sqrt().clamp_min(1e-12)
+    return maps.to(torch.complex64)
 
 
 def resize_images(images: Tensor, size: int) -> Tensor:

@@ -50,7 +50,8 @@ __all__ = [
 
 #: Top-level config keys a resumed run may change (``eval`` and ``hub`` are whole sections:
 #: evaluation and publishing do not change the prior).
-RESUMABLE_KEYS = ("laps", "eval", "hub")
+#: Top-level keys a resumed run may change (``output_dir``: the run folder was moved or copied).
+RESUMABLE_KEYS = ("laps", "eval", "hub", "output_dir")
 
 
 def atomic_torch_save(obj, path: Path) -> None:
@@ -72,8 +73,8 @@ def atomic_write_text(path: Path, text: str) -> None:
 def check_resume_config(path: Path, config: EMConfig, eval_data_keys: Iterable[str] = ()) -> None:
     """Raise :class:`ConfigError` unless ``config`` may resume the run whose config is at ``path``.
 
-    A resumed run may change ``laps``, the ``eval.*`` and ``hub.*`` keys and the task's
-    evaluation-only ``data.*`` keys, and nothing else: every other key changes what the saved
+    A resumed run may change ``laps``, the ``eval.*`` and ``hub.*`` keys, ``output_dir`` (a moved
+    run folder) and the task's evaluation-only ``data.*`` keys, and nothing else: every other key changes what the saved
     laps mean.
 
     Arguments:
@@ -92,7 +93,7 @@ def check_resume_config(path: Path, config: EMConfig, eval_data_keys: Iterable[s
     if changed:
         raise ConfigError(
             f"{path} holds a different configuration (changed: {', '.join(changed)}); a resumed run may only "
-            "change `laps`, `eval.*`, `hub.*` and the evaluation's `data.*` keys "
+            "change `laps`, `eval.*`, `hub.*`, `output_dir` and the evaluation's `data.*` keys "
             f"({', '.join(sorted(allowed)) or 'none for this experiment'}): resume with the same settings or "
             "choose another `output_dir`"
         )

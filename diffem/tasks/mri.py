@@ -56,7 +56,7 @@ import torch
 from torch import Tensor, nn
 
 from ..config import ConfigError
-from ..operators import SubsampledFourier
+from ..operators import SenseFourier, SubsampledFourier
 from ..observations import ObservationSet
 from . import Task, draw_prior_samples, load_or_build
 from .images import random_flip_shift as flip_shift
@@ -68,10 +68,25 @@ _NET_KEYS = ("factor", "block_out_channels", "layers_per_block", "attention_leve
 #: The seed streams of the training observations and of the fixed evaluation observations
 #: (:func:`observe_kspace`).
 TRAIN_STREAM, EVAL_STREAM = 0, 1
+#: The seed stream of the synthetic phase maps of complex images (``data.complex``).
+PHASE_STREAM = 2
 
 
-def observe_kspace(x: Tensor, acceleration: float, noise_std: float, seed: int, stream: int, indices) -> tuple[Tensor, Tensor]:
-    r"""Observe images through random column masks: :math:`y = M \odot (\mathrm{FFT2c}(x) + \sigma e)`.
+def kspace_operator(mask: Tensor, complex_images: bool = False, maps: Tensor | None = None):
+    """The task's forward operator for column masks ``(N, W)``: :class:`SubsampledFourier`, or
+    :class:`SenseFourier` with the coil maps ``maps`` ``(C, H, W)`` shared by every observation
+    (an expanded view: no copy per observation) and the columns as a 2-D mask."""
+    if maps is None:
+        return SubsampledFourier(mask, complex_images=complex_images)
+    n, w = mask.shape
+    c, h, _ = maps.shape
+    return SenseFourier(mask[:, None, :].expand(n, h, w), maps.expand(n, c, h, w), complex_images=complex_images)
+
+
+def observe_kspace(x: Tensor, acceleration: float, noise_std: float, seed: int, stream: int, indices,
+                   maps: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    r"""Observe images through random column masks: :math:`y = M \odot (\mathrm{FFT2c}(x) + \sigma e)`,
+    or for coils, :math:`y_c = M \odot (\mathrm{FFT2c}(S_c x) + \sigma e_c)`.
 
     Image ``k`` (index ``indices[k]``) draws its mask (:func:`diffem.data.mri_mask.column_mask`)
     and then its noise from one generator seeded with ``derive_seed(seed, stream, index)``
@@ -79,24 +94,29 @@ def observe_kspace(x: Tensor, acceleration: float, noise_std: float, seed: int, 
     ``(seed, stream, index)`` only, never on the batch.
 
     Arguments:
-        x: Images ``(N, 1, H, W)`` in [-2, 2] (square: ``H == W``).
+        x: Images ``(N, 1, H, W)`` in [-2, 2] (real magnitudes) or ``(N, 2, H, W)`` (complex:
+            real and imaginary channels), square: ``H == W``.
         acceleration: The nominal acceleration ``R`` >= 1.
         noise_std: :math:`\sigma > 0` (data units).
         seed, stream: Non-negative integers.
         indices: ``N`` non-negative integers.
+        maps: Optional coil sensitivities ``(C, H, W)`` complex (SENSE, :class:`SenseFourier`).
 
     Returns:
-        ``(y, mask)``: ``y`` ``(N, 2, H, W)`` float32, zero in unobserved columns; ``mask``
-        ``(N, W)`` bool.
+        ``(y, mask)``: ``y`` ``(N, 2, H, W)`` float32 (``(N, C, 2, H, W)`` with ``maps``), zero in
+        unobserved columns; ``mask`` ``(N, W)`` bool.
 
     Raises:
-        ValueError: for a non-square or non-4-D ``x``, a bad acceleration or noise level.
+        ValueError: for a non-square or non-4-D ``x``, a bad acceleration or noise level, maps of
+            the wrong shape.
     """
     from ..data.mri_mask import column_mask
     from ..random import derive_seed
 
-    if x.dim() != 4 or x.shape[1] != 1 or x.shape[2] != x.shape[3]:
-        raise ValueError(f"`x` must have shape (N, 1, S, S), got {tuple(x.shape)}")
+    if x.dim() != 4 or x.shape[1] not in (1, 2) or x.shape[2] != x.shape[3]:
+        raise ValueError(f"`x` must have shape (N, 1 or 2, S, S), got {tuple(x.shape)}")
+    if maps is not None and (maps.dim() != 3 or tuple(maps.shape[1:]) != tuple(x.shape[2:])):
+        raise ValueError(f"`maps` must have shape (C, {x.shape[2]}, {x.shape[3]}), got {tuple(maps.shape)}")
     if not noise_std > 0:
         raise ValueError(f"`noise_std` must be > 0, got {noise_std!r}")
     n, _, h, w = x.shape
@@ -104,14 +124,15 @@ def observe_kspace(x: Tensor, acceleration: float, noise_std: float, seed: int, 
     if len(indices) != n:
         raise ValueError(f"`indices` has length {len(indices)}, expected {n}")
     extra = (int(round(100 * acceleration)),) if stream == EVAL_STREAM else ()
+    coil_shape = () if maps is None else (int(maps.shape[0]),)
     masks, noises = [], []
     for i in indices:
         g = torch.Generator().manual_seed(derive_seed(seed, stream, *extra, i))
         masks.append(column_mask(w, acceleration, g))
-        noises.append(torch.randn(2, h, w, generator=g))
+        noises.append(torch.randn(*coil_shape, 2, h, w, generator=g))
     mask = torch.stack(masks)
-    A = SubsampledFourier(mask)
-    y = A(x.float()) + float(noise_std) * torch.stack(noises) * mask[:, None, None, :]
+    A = kspace_operator(mask, x.shape[1] == 2, maps)
+    y = A(x.float()) + float(noise_std) * torch.stack(noises) * mask.view(n, *[1] * (len(coil_shape) + 2), w)
     return y, mask
 
 
@@ -126,9 +147,18 @@ def random_flip_shift(x: Tensor, generator: torch.Generator, shift: int = 4) -> 
 
 
 def _magnitude(x: Tensor) -> Tensor:
-    from ..data.mri import to_magnitude
+    """Magnitudes ``(N, H, W)`` in [0, 1] of real ``(N, 1, H, W)`` or complex ``(N, 2, H, W)`` images."""
+    from ..data.mri import complex_magnitude, to_magnitude
 
-    return to_magnitude(x.float())[:, 0]
+    x = x.float()
+    return (complex_magnitude(x) if x.shape[1] == 2 else to_magnitude(x))[:, 0]
+
+
+def _display(x: Tensor) -> Tensor:
+    """Images as the figures show them: real ``(N, 1, H, W)`` in [-2, 2] (complex ones by their magnitude)."""
+    from ..data.mri import magnitude_as_real
+
+    return magnitude_as_real(x) if x.shape[1] == 2 else x
 
 
 class MriTask(Task):
@@ -140,7 +170,10 @@ class MriTask(Task):
     ``observations`` (null: all training slices), ``duplicate``, ``acceleration``,
     ``noise_std``, ``seed``, ``eval_accelerations``, ``eval_slices``, ``posterior_samples``,
     ``posterior_method``, ``posterior_steps``, ``posterior_maxiter``, ``posterior_batch_size``,
-    ``shift`` (M-step augmentation), ``cache_dir``. ``network`` options: ``preset``
+    ``shift`` (M-step augmentation), ``cache_dir``, ``complex`` (complex images with a synthetic
+    smooth phase, :func:`diffem.data.mri.synthetic_phase` of scale ``phase_scale``, as two
+    channels), ``coils`` (1: single coil; more: SENSE with simulated birdcage maps,
+    :func:`diffem.data.mri.simulated_coil_maps`). ``network`` options: ``preset``
     (:data:`diffem.networks.UNSHUFFLE_PRESETS`) and any preset override.
     """
 
@@ -150,6 +183,7 @@ class MriTask(Task):
         min_foreground=0.15, observations=None, duplicate=1, acceleration=6, noise_std=1e-2, seed=0,
         eval_accelerations=[4, 6, 8, 16, 32], eval_slices=8, posterior_samples=4, posterior_method="ddpm",
         posterior_steps=64, posterior_maxiter=5, posterior_batch_size=64, shift=4, cache_dir=None,
+        complex=False, phase_scale=1.0, coils=1,
     )
     network_defaults = dict(preset="cpu") | {k: None for k in _NET_KEYS}
     # (not eval_path / eval_volumes: without eval_path, the held-out volumes leave the training set)
@@ -201,8 +235,16 @@ class MriTask(Task):
 
         for key, low in (("size", 8), ("gap", 0), ("duplicate", 1), ("seed", 0), ("eval_slices", 1),
                          ("posterior_samples", 1), ("posterior_steps", 1), ("posterior_maxiter", 1),
-                         ("posterior_batch_size", 1), ("shift", 0), ("eval_volumes", 1)):
+                         ("posterior_batch_size", 1), ("shift", 0), ("eval_volumes", 1), ("coils", 1)):
             integer(key, low)
+        if not isinstance(d["complex"], bool):
+            raise ConfigError(f"config key `data.complex` must be true or false, got {d['complex']!r}")
+        ps = d["phase_scale"]
+        if isinstance(ps, bool) or not isinstance(ps, (int, float)) or not ps >= 0:
+            raise ConfigError(f"config key `data.phase_scale` must be a number >= 0 (radians), got {ps!r}")
+        if d["complex"] and d["kind"] == "fastmri":
+            raise ConfigError("config key `data.complex`: complex images come from the offline brains with a synthetic "
+                              "phase (data.kind: brain); complex fastMRI slices from `kspace` are not supported yet")
         if d["observations"] is not None:
             integer("observations", 2)
         for key in ("acceleration", "noise_std", "min_foreground"):
@@ -238,8 +280,28 @@ class MriTask(Task):
         return int(self.data["size"])
 
     @property
+    def complex_images(self) -> bool:
+        """Whether x is complex, ``(2, S, S)`` (``data.complex``)."""
+        return bool(self.data["complex"])
+
+    @property
     def event_shape(self) -> tuple:
-        return (1, self.size, self.size)
+        return (2 if self.complex_images else 1, self.size, self.size)
+
+    @property
+    def coil_maps(self) -> Tensor | None:
+        """The simulated coil maps ``(data.coils, S, S)`` complex64, or ``None`` for one coil."""
+        if int(self.data["coils"]) < 2:
+            return None
+        if getattr(self, "_maps", None) is None:
+            from ..data.mri import simulated_coil_maps
+
+            self._maps = simulated_coil_maps(int(self.data["coils"]), self.size)
+        return self._maps
+
+    def operator(self, mask: Tensor):
+        """The forward operator of column masks ``(N, S)`` (:func:`kspace_operator`)."""
+        return kspace_operator(mask, self.complex_images, self.coil_maps)
 
     # -- data ------------------------------------------------------------------------------------
     def _slices(self, split: str):
@@ -283,12 +345,35 @@ class MriTask(Task):
         ds = self._slices(split)
         if split == "test":
             idx = np.unique(np.linspace(0, len(ds) - 1, min(int(self.data["eval_slices"]), len(ds))).round().astype(int))
-            return images_of(ds.select(idx.tolist()))
-        n = self.data["observations"]
-        n = len(ds) if n is None else int(n)
-        if n > len(ds):
-            raise ConfigError(f"config key `data.observations`: {n} requested, only {len(ds)} training slices")
-        return images_of(ds.select(range(n)))
+        else:
+            n = self.data["observations"]
+            n = len(ds) if n is None else int(n)
+            if n > len(ds):
+                raise ConfigError(f"config key `data.observations`: {n} requested, only {len(ds)} training slices")
+            idx = np.arange(n)
+        x = images_of(ds.select(idx.tolist()))
+        return self._with_phase(x, split, idx) if self.complex_images else x
+
+    def _with_phase(self, x: Tensor, split: str, idx) -> Tensor:
+        """Complex images ``(N, 2, S, S)``: slice ``idx[k]`` of ``split`` gets its own synthetic phase, seeded
+        by ``derive_seed(data.seed, PHASE_STREAM, split, idx[k])`` (the same at every lap and run)."""
+        from ..data.mri import complex_images, synthetic_phase
+        from ..random import derive_seed
+
+        split_key = 0 if split == "train" else 1
+        phases = torch.stack([
+            synthetic_phase(self.size, torch.Generator().manual_seed(derive_seed(int(self.data["seed"]), PHASE_STREAM,
+                                                                                  split_key, int(i))),
+                            float(self.data["phase_scale"]))
+            for i in idx])
+        return complex_images(x, phases)
+
+    def clean_signals(self) -> Tensor:
+        """The clean slices behind the observations, ``(N * data.duplicate, 1, S, S)`` in [-2, 2]
+        (``train_on: clean``, the oracle reference), in the observations' order."""
+        x = self.clean_images("train")
+        k = int(self.data["duplicate"])
+        return x.repeat(k, 1, 1, 1) if k > 1 else x
 
     def observations(self, cache_dir: Path) -> ObservationSet:
         """The observation set (each observation ``data.duplicate`` times); saved once under
@@ -299,8 +384,11 @@ class MriTask(Task):
 
         def build():
             x = self.clean_images("train")
+            maps = self.coil_maps
+            y_feature = (datasets.Array3D(shape=(2, self.size, self.size), dtype="float32") if maps is None else
+                         datasets.Array4D(shape=(len(maps), 2, self.size, self.size), dtype="float32"))
             features = datasets.Features({
-                "y": datasets.Array3D(shape=(2, self.size, self.size), dtype="float32"),
+                "y": y_feature,
                 "mask": datasets.Sequence(datasets.Value("bool"), length=self.size),
             })
 
@@ -308,7 +396,7 @@ class MriTask(Task):
                 for i in range(start, stop, 64):
                     j = min(i + 64, stop)
                     y, mask = observe_kspace(x[i:j], float(d["acceleration"]), float(d["noise_std"]), int(d["seed"]),
-                                             TRAIN_STREAM, range(i, j))
+                                             TRAIN_STREAM, range(i, j), maps=maps)
                     for k in range(j - i):
                         yield {"y": y[k].numpy(), "mask": mask[k].numpy()}
 
@@ -324,27 +412,31 @@ class MriTask(Task):
         y, mask = ds["y"][:], ds["mask"][:].bool()
         k = int(d["duplicate"])
         if k > 1:
-            y, mask = y.repeat(k, 1, 1, 1), mask.repeat(k, 1)
-        return ObservationSet(y, SubsampledFourier(mask), float(d["noise_std"]), self.event_shape)
+            y, mask = y.repeat(k, *[1] * (y.dim() - 1)), mask.repeat(k, 1)
+        return ObservationSet(y, self.operator(mask), float(d["noise_std"]), self.event_shape)
 
     # -- model -----------------------------------------------------------------------------------
     def backbone(self, seed: int) -> nn.Module:
         from ..networks import build_unshuffle_unet
 
-        return build_unshuffle_unet(self.net["preset"], self.size, 1, seed, **self._net_overrides())
+        return build_unshuffle_unet(self.net["preset"], self.size, self.event_shape[0], seed, **self._net_overrides())
 
     def augment(self, x: Tensor, generator: torch.Generator) -> Tensor:
-        """Flips and shifts of up to ``data.shift`` pixels (:func:`random_flip_shift`) when ``mstep.augment`` is on."""
+        """Flips and shifts of up to ``data.shift`` pixels (:func:`random_flip_shift`) when ``mstep.augment`` is on
+        (complex images pad with their background 0, magnitude images with -2)."""
         if not self.config.mstep.augment:
             return x
+        if self.complex_images:
+            return flip_shift(x, generator, int(self.data["shift"]), pad_value=0.0)
         return random_flip_shift(x, generator, int(self.data["shift"]))
 
     # -- evaluation --------------------------------------------------------------------------------
     def evaluation_observations(self, acceleration: float) -> tuple[Tensor, Tensor]:
-        """The fixed evaluation observations at one acceleration: ``(y (n, 2, S, S), mask (n, S))``."""
+        """The fixed evaluation observations at one acceleration: ``(y (n, 2, S, S), mask (n, S))``
+        (``y`` ``(n, C, 2, S, S)`` with coils)."""
         x = self.clean_images("test")
         return observe_kspace(x, float(acceleration), float(self.data["noise_std"]), int(self.data["seed"]),
-                              EVAL_STREAM, range(len(x)))
+                              EVAL_STREAM, range(len(x)), maps=self.coil_maps)
 
     def evaluate(self, pipeline, lap: int, generator_seed: int, progress: bool = True) -> dict:
         """Metrics of the prior ``pipeline`` on the held-out slices; see the module docstring.
@@ -375,8 +467,8 @@ class MriTask(Task):
         per_r, artifacts = {}, {"truth": x, "accelerations": {}}
         for r_index, R in enumerate(d["eval_accelerations"]):
             y, mask = self.evaluation_observations(R)
-            A = SubsampledFourier(mask)
-            zero_filled = A.pinv(y)
+            A = self.operator(mask)
+            zero_filled = A.sense_combination(y) if isinstance(A, SenseFourier) else A.pinv(y)
             reps = torch.arange(n).repeat_interleave(k)
             gens = make_generators(generator_seed, r_index, indices=range(n * k))
             spec = SamplerSpec(method=d["posterior_method"], steps=int(d["posterior_steps"]),
@@ -391,7 +483,9 @@ class MriTask(Task):
             def consistency(estimate: Tensor) -> float:
                 return float(((A(estimate) - y).flatten(1).norm(dim=1) / norm_y).mean())
 
-            noise_floor = float((float(d["noise_std"]) * (2 * self.size * mask.sum(1)).double().sqrt() / norm_y).mean())
+            coils = 1 if self.coil_maps is None else len(self.coil_maps)
+            noise_floor = float((float(d["noise_std"]) * (2 * coils * self.size * mask.sum(1)).double().sqrt()
+                                 / norm_y).mean())
             std = _magnitude(samples.flatten(0, 1)).reshape(n, k, self.size, self.size).std(1) if k > 1 else None
             entry = {}
             for name, est in (("zero_filled", zero_filled), ("posterior_sample", samples[:, 0]), ("posterior_mean", mean)):
@@ -401,12 +495,14 @@ class MriTask(Task):
                 "posterior_std": None if std is None else float(std.mean()),
                 "noise_floor": noise_floor,
                 "kept_fraction": float(mask.float().mean()),
-                "effective_acceleration": float(A.effective_acceleration().mean()),
+                # SENSE: the nominal R (the coils' redundancy has no closed-form rank)
+                "effective_acceleration": float(A.effective_acceleration().mean() if isinstance(A, SubsampledFourier)
+                                                else (1 / mask.float().mean(1)).mean()),
             }
             per_r[f"{R:g}"] = entry
             artifacts["accelerations"][f"{R:g}"] = {
-                "mask": mask, "zero_filled": zero_filled, "samples": samples[:, :2].clone(), "mean": mean,
-                "std": std,
+                "mask": mask, "zero_filled": _display(zero_filled), "samples": _display(samples[:, :2].flatten(0, 1)).
+                reshape(n, -1, 1, self.size, self.size), "mean": _display(mean), "std": std,
             }
         out: dict = {"accelerations": per_r, "eval_slices": n, "posterior_samples": k}
         train_r = f"{float(d['acceleration']):g}"
@@ -416,5 +512,7 @@ class MriTask(Task):
         cfg = self.config.eval
         prior = draw_prior_samples(pipeline, cfg.samples, cfg, generator_seed, progress) if cfg.samples > 0 else None
         artifacts["prior"] = None if prior is None else prior[:16].cpu()
+        artifacts["truth"] = _display(x)
+        artifacts["prior"] = None if artifacts["prior"] is None else _display(artifacts["prior"])
         self.artifacts = artifacts
         return out

@@ -12,6 +12,15 @@ means and standard deviations, ground truth). Unless the profile is ``smoke``, t
 ``config.yaml``, ``metrics.jsonl`` and the few images of the figures (``figure_data.pt``)
 are copied to ``<results-dir>/<profile>/``, from which this script regenerates everything.
 
+The references and variants run on the same held-out slices, masks and seeds (each a run folder
+or a results folder, copied to ``<results-dir>/<profile>-<name>/`` like the main run; when not
+given, read from there; absent: "not run"):
+
+- ``--oracle``: the same U-Net trained on the clean training slices (``train_on: clean``), no E-step;
+- ``--complex``: the EM prior of complex images (``data.complex: true``, a synthetic smooth phase);
+- ``--multicoil``: the EM prior of complex images from simulated 8-coil SENSE k-space
+  (``data.complex: true``, ``data.coils: 8``).
+
 The compressed-sensing references (L1-wavelet and total variation, written by
 ``experiments/mri/compressed_sensing.py``) are read from ``--cs`` (default
 ``<results-dir>/<profile>-cs.json``, beside the results folder, which the copy above leaves
@@ -47,6 +56,14 @@ FIGURE_DATA = "figure_data.pt"
 CS_METHODS = {"l1_wavelet": "L1-wavelet", "total_variation": "TV"}  # compressed_sensing.py's keys, as shown
 BEAT_CS_R = ("4", "8", "16")  # the accelerations of "Does the EM prior beat compressed sensing?"
 NOT_RUN = "not run"
+#: The reference and variant runs (``--<name>``): what each is, and the config it must have.
+VARIANTS = {
+    "oracle": ("oracle: the U-Net trained on the clean slices (no E-step)", lambda c: c.get("train_on") == "clean"),
+    "complex": ("complex EM prior (synthetic phase)",
+                lambda c: c["data"].get("complex") is True and (c["data"].get("coils") or 1) == 1),
+    "multicoil": ("multi-coil complex EM prior (simulated SENSE)",
+                  lambda c: c["data"].get("complex") is True and (c["data"].get("coils") or 1) > 1),
+}
 
 
 def _magnitude(x: torch.Tensor) -> torch.Tensor:
@@ -218,10 +235,90 @@ def _settings(config: dict, records: list[dict]) -> list[str]:
     return lines
 
 
+def read_variant(name: str, path: Path, config: dict, records: list[dict]) -> dict | None:
+    """A reference or variant run (:data:`VARIANTS`): ``{"config", "records", "path", "last"}`` (the last
+    evaluated record), or None when ``path`` holds no run.
+
+    Raises:
+        SystemExit: if the run is of another profile, another number of held-out slices or not of its kind.
+    """
+    if not (path / "metrics.jsonl").exists():
+        return None
+    vconfig, vrecords = read_run(path)
+    what, ok = VARIANTS[name]
+    if vconfig.get("experiment") != "mri" or vconfig.get("profile") != config["profile"] or not ok(vconfig):
+        raise SystemExit(f"`{path}` is not the {config['profile']!r} profile's {what} (config.yaml)")
+    n = next((r["eval_slices"] for r in _evaluated(records) if r.get("eval_slices")), None)
+    evaluated = _evaluated(vrecords)
+    if evaluated and n is not None and evaluated[-1].get("eval_slices") != n:
+        raise SystemExit(f"`{path}` evaluated {evaluated[-1].get('eval_slices')} held-out slices, the main run {n}")
+    return {"config": vconfig, "records": vrecords, "path": path, "last": evaluated[-1] if evaluated else None}
+
+
+def _variant_cell(v: dict | None, R: str, key: str) -> str:
+    if v is None or v["last"] is None:
+        return NOT_RUN
+    m = v["last"]["accelerations"].get(R)
+    return NOT_RUN if m is None else fmt(m[key])
+
+
+def _variant_lines(last: dict, config: dict, records: list[dict], variants: dict) -> list[str]:
+    """The section on the oracle and the complex and multi-coil priors."""
+    lines = ["", "## Beside the oracle, and complex and multi-coil k-space", "",
+             "The last lap's posterior mean of each prior on the same held-out slices, masks and noise seeds; "
+             "metrics on magnitudes. The complex priors learn complex images (the slices with a synthetic smooth "
+             "phase, `diffem.data.mri.synthetic_phase`, scale 1 rad) from k-space with no conjugate symmetry, so "
+             "their effective acceleration is the nominal R; their zero-filled image is the inverse FFT of the "
+             "zero-filled k-space (multi-coil: the zero-filled SENSE combination).", ""]
+    lines += ["| prior | what it learns from | R eff. at R = 6 | laps | wall time (min) | results |",
+              "|---|---|---:|---:|---:|---|"]
+    lines.append(f"| magnitude EM prior | {records[-1].get('observations') or ''} single-coil observations of real "
+                 f"magnitude images | {fmt(last['accelerations'].get('6', {}).get('effective_acceleration'))} | "
+                 f"{last['lap']} | {_wall(records) / 60:.1f} | main run |")
+    for name in VARIANTS:
+        v = variants.get(name)
+        if v is None:
+            lines.append(f"| {VARIANTS[name][0]} | {NOT_RUN} | | | | |")
+            continue
+        vd = MriTask.data_defaults | v["config"]["data"]
+        source = ("the clean slices" if name == "oracle" else
+                  f"observations of complex images through {vd['coils']} simulated coils (birdcage maps)"
+                  if vd["coils"] > 1 else "single-coil observations of complex images")
+        m6 = (v["last"] or {}).get("accelerations", {}).get("6", {})
+        lines.append(f"| {VARIANTS[name][0]} | {source} | {fmt(m6.get('effective_acceleration'))} | "
+                     f"{(v['last'] or {}).get('lap', '-')} | {_wall(v['records']) / 60:.1f} | `{_shown(v['path'])}` |")
+    for metric, label in (("psnr", "PSNR (dB)"), ("ssim", "SSIM")):
+        head = (f"| R | magnitude zero-filled | magnitude EM | oracle | complex zero-filled | complex EM | "
+                f"multi-coil zero-filled SENSE | multi-coil EM |")
+        lines += ["", f"{label}:", "", head, "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for R, m in last["accelerations"].items():
+            lines.append(
+                f"| {R} | {fmt(m[f'{metric}_zero_filled'])} | {fmt(m[f'{metric}_posterior_mean'])} | "
+                f"{_variant_cell(variants.get('oracle'), R, f'{metric}_posterior_mean')} | "
+                f"{_variant_cell(variants.get('complex'), R, f'{metric}_zero_filled')} | "
+                f"{_variant_cell(variants.get('complex'), R, f'{metric}_posterior_mean')} | "
+                f"{_variant_cell(variants.get('multicoil'), R, f'{metric}_zero_filled')} | "
+                f"{_variant_cell(variants.get('multicoil'), R, f'{metric}_posterior_mean')} |")
+    lines += ["", "Data consistency ||A x - y|| / ||y|| of the posterior mean against its noise floor (each prior's "
+              "own observations):", "",
+              "| R | magnitude EM | floor | oracle | complex EM | floor | multi-coil EM | floor |",
+              "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for R, m in last["accelerations"].items():
+        cells = [fmt(m["data_consistency_posterior_mean"]), fmt(m["noise_floor"]),
+                 _variant_cell(variants.get("oracle"), R, "data_consistency_posterior_mean")]
+        for name in ("complex", "multicoil"):
+            cells += [_variant_cell(variants.get(name), R, "data_consistency_posterior_mean"),
+                      _variant_cell(variants.get(name), R, "noise_floor")]
+        lines.append(f"| {R} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def write_table(config: dict, records: list[dict], path: Path, run_dir: Path, cs: dict | None = None,
-                cs_path: Path | None = None) -> None:
+                cs_path: Path | None = None, variants: dict | None = None) -> None:
     """The Markdown table; ``cs`` (:func:`read_cs`, None: "not run") adds the compressed-sensing references,
-    ``cs_path`` is where they were looked for."""
+    ``cs_path`` is where they were looked for; ``variants`` (:func:`read_variant` by name) the oracle and
+    the complex and multi-coil priors."""
+    variants = variants or {}
     cs_path = cs_path or HERE / "results" / f"{config['profile']}-cs.json"
     evaluated = _evaluated(records)
     lines = ["# Accelerated MRI from undersampled k-space only: reconstructions of held-out slices by EM lap", "",
@@ -268,22 +365,30 @@ def write_table(config: dict, records: list[dict], path: Path, run_dir: Path, cs
             psnr, ssim = m["psnr_posterior_mean"], m["ssim_posterior_mean"]
             lines.append(f"| {R} | {_verdict(psnr, m['psnr_zero_filled'])} | {_verdict(psnr, f['psnr_posterior_mean'])} | "
                          f"{_verdict(ssim, m['ssim_zero_filled'])} | {_verdict(ssim, f['ssim_posterior_mean'])} |")
-        lines += ["", "## Does the EM prior beat compressed sensing?", "",
+        oracle = variants.get("oracle")
+        lines += ["", "## Does the EM prior beat compressed sensing, and how far is it from the oracle?", "",
                   f"The last lap's (lap {last['lap']}) posterior mean against the better of L1-wavelet and TV by PSNR "
-                  "at each R (its lambda chosen on clean validation slices, see the summary).", "",
-                  "| R | better of L1-wavelet and TV (lambda) | PSNR | SSIM |", "|---:|---|---|---|"]
+                  "at each R (its lambda chosen on clean validation slices, see the summary), and against the "
+                  "oracle: the same U-Net and M-step steps trained on the clean slices, its posterior with the "
+                  "same MMPS settings.", "",
+                  "| R | better of L1-wavelet and TV (lambda) | PSNR | SSIM | oracle PSNR / SSIM | EM - oracle (dB) |",
+                  "|---:|---|---|---|---|---:|"]
         for R in BEAT_CS_R:
             m = last["accelerations"].get(R)
             if m is None:
                 continue
+            o = None if oracle is None or oracle["last"] is None else oracle["last"]["accelerations"].get(R)
+            ocells = (f"{NOT_RUN} | {NOT_RUN}" if o is None else
+                      f"{fmt(o['psnr_posterior_mean'])} / {fmt(o['ssim_posterior_mean'])} | "
+                      f"{m['psnr_posterior_mean'] - o['psnr_posterior_mean']:+.2f}")
             better = _better_cs(cs, R)
             if better is None:
-                lines.append(f"| {R} | {NOT_RUN} | {NOT_RUN} | {NOT_RUN} |")
+                lines.append(f"| {R} | {NOT_RUN} | {NOT_RUN} | {NOT_RUN} | {ocells} |")
                 continue
             method, e = better
             lines.append(f"| {R} | {CS_METHODS[method]} ({e['lambda']:g}) | {_verdict(m['psnr_posterior_mean'], e['psnr'])} "
-                         f"| {_verdict(m['ssim_posterior_mean'], e['ssim'])} |")
-        lines += ["", "- how far from the oracle: not run (a prior trained on the clean slices: issue 25)"]
+                         f"| {_verdict(m['ssim_posterior_mean'], e['ssim'])} | {ocells} |")
+        lines += _variant_lines(last, config, records, variants)
         lines += ["", "## Every evaluated lap", ""]
         for R in last["accelerations"]:
             lines += [
@@ -336,9 +441,10 @@ def _psnr_label(ax, image, truth, prefix: str = "") -> None:
     ax.set_xlabel(f"{prefix}{value:.1f} dB", fontsize=7, labelpad=2)
 
 
-def write_figure(data: dict | None, path: Path, cs: dict | None = None) -> None:
+def write_figure(data: dict | None, path: Path, cs: dict | None = None, oracle: dict | None = None) -> None:
     """The figure of one held-out slice per R; with ``cs``'s reconstructions (:func:`read_cs`), the
-    L1-wavelet and TV images of the same slice (``data["slice"]`` indexes the evaluated slices)."""
+    L1-wavelet and TV images of the same slice (``data["slice"]`` indexes the evaluated slices); with
+    ``oracle`` (the oracle run's :func:`figure_data`), its posterior sample of the slice."""
     title = "MRI: posterior samples of a held-out slice from undersampled k-space"
     if data is None:
         return _blank(path, title)
@@ -351,7 +457,7 @@ def write_figure(data: dict | None, path: Path, cs: dict | None = None) -> None:
     images = (cs or {}).get("images")
     methods = list(CS_METHODS) if images else []
     cols = (["mask", "zero-filled (A+ y)"] + [f"{CS_METHODS[m]} (CS)" for m in methods]
-            + ["sample 1", "sample 2", "posterior std", "ground truth"])
+            + ["sample 1", "sample 2", "posterior std"] + (["oracle sample"] if oracle else []) + ["ground truth"])
     fig, axes = plt.subplots(len(rows), len(cols), figsize=(1.7 * len(cols), 1.85 * len(rows) + 0.4), squeeze=False)
     for row, R in zip(axes, rows):
         a = data["accelerations"][R]
@@ -378,7 +484,14 @@ def write_figure(data: dict | None, path: Path, cs: dict | None = None) -> None:
             _show(row[k + 2], a["std"], cmap="magma", vmax=std_max)
         else:
             row[k + 2].axis("off")
-        _show(row[k + 3], truth, vmax=vmax)
+        if oracle:
+            o = oracle["accelerations"].get(R)
+            if o is None:
+                row[k + 3].axis("off")
+            else:
+                _show(row[k + 3], o["samples"][0], vmax=vmax)
+                _psnr_label(row[k + 3], o["samples"][0], truth)
+        _show(row[-1], truth, vmax=vmax)
         row[0].set_ylabel(f"R = {R}", fontsize=9)
     for ax, name in zip(axes[0], cols):
         ax.set_title(name, fontsize=8)
@@ -421,6 +534,9 @@ def main(argv=None) -> int:
                         help="compressed-sensing results of experiments/mri/compressed_sensing.py (the .pt of "
                              "reconstructions beside it) (default: <results-dir>/<profile>-cs.json; "
                              "absent: their rows say 'not run')")
+    for name, (what, _) in VARIANTS.items():
+        parser.add_argument(f"--{name}", type=Path, default=None,
+                            help=f"the {what} run (default: <results-dir>/<profile>-{name}; absent: 'not run')")
     args = parser.parse_args(argv)
     laps_figure = args.laps_figure or args.figure.with_name(args.figure.stem + "_laps" + args.figure.suffix)
     config, records = read_run(args.run_dir)
@@ -429,17 +545,27 @@ def main(argv=None) -> int:
     cs_path = args.cs or args.results_dir / f"{config['profile']}-cs.json"
     cs = read_cs(cs_path, config, records)
     data = figure_data(args.run_dir, records, args.slice)
-    write_table(config, records, args.table, args.run_dir, cs, cs_path)
-    write_figure(data, args.figure, cs)
+    variants, variant_data = {}, {}
+    for name in VARIANTS:
+        path = getattr(args, name) or args.results_dir / f"{config['profile']}-{name}"
+        variants[name] = read_variant(name, path, config, records)
+        if variants[name] is not None:
+            variant_data[name] = figure_data(path, variants[name]["records"], args.slice)
+    write_table(config, records, args.table, args.run_dir, cs, cs_path, variants)
+    write_figure(data, args.figure, cs, variant_data.get("oracle"))
     write_laps_figure(data, laps_figure)
     if config["profile"] != "smoke":
-        target = args.results_dir / config["profile"]
-        if target.resolve() != args.run_dir.resolve():
+        copies = [(args.run_dir, args.results_dir / config["profile"], data)]
+        copies += [(v["path"], args.results_dir / f"{config['profile']}-{name}", variant_data[name])
+                   for name, v in variants.items() if v is not None]
+        for source, target, images in copies:
+            if target.resolve() == source.resolve():
+                continue
             target.mkdir(parents=True, exist_ok=True)  # only these files are written: <profile>-cs.* beside it stay
             for name in ("config.yaml", "metrics.jsonl"):
-                (target / name).write_text((args.run_dir / name).read_text())
-            if data is not None:  # float16: the figures need no more, and the file stays small
-                torch.save(_half(data), target / FIGURE_DATA)
+                (target / name).write_text((source / name).read_text())
+            if images is not None:  # float16: the figures need no more, and the file stays small
+                torch.save(_half(images), target / FIGURE_DATA)
     print(f"wrote {args.table}, {args.figure} and {laps_figure}")
     return 0
 
