@@ -228,8 +228,17 @@ class SenseFourier(LinearOperator):
         self.out_shape = (self.coils, 2, h, w)
 
     def _maps(self, like: Tensor) -> Tensor:
+        """The maps in the complex dtype of ``like``; shared (expanded, stride-0) axes stay expanded, so a
+        float64 solve does not copy one map per observation."""
         dtype = torch.complex128 if like.dtype == torch.float64 else torch.complex64
-        return self.maps.to(dtype)
+        maps = self.maps
+        if maps.dtype == dtype:
+            return maps
+        base = maps
+        for dim, stride in enumerate(maps.stride()):
+            if stride == 0 and maps.shape[dim] > 1:
+                base = base.narrow(dim, 0, 1)
+        return base.to(dtype).expand(maps.shape)
 
     def _forward(self, x: Tensor) -> Tensor:
         coil = self._maps(x) * as_complex(x, self.complex_images)[..., None, :, :]  # (..., C, H, W)

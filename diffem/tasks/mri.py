@@ -194,24 +194,37 @@ class MriTask(Task):
     def card_facts(cls, data: dict, observations, fmt) -> dict:
         """The model card's description of MRI observations (:meth:`Task.card_facts <diffem.tasks.Task.card_facts>`)."""
         size, R, sigma = data.get("size"), data.get("acceleration"), data.get("noise_std")
+        complex_images, coils = bool(data.get("complex")), int(data.get("coils") or 1)
         source = ("the offline brain volumes" if data.get("kind") == "brain"
                   else "fastMRI single-coil knee `reconstruction_rss` slices")
         return dict(
             datasets=[], pipeline_tag="unconditional-image-generation", task_type="unconditional-image-generation",
             dataset_type="fastmri" if data.get("kind") == "fastmri" else "mri-brain-volumes",
             dataset_name=f"MRI slices ({data.get('kind')}, {size}x{size})", dataset_split="eval", kind="image",
-            event=f"(1, {size}, {size}) magnitude images in [-2, 2]",
-            corruption=(f"{observations} MRI slices of {source}, {size}x{size} pixels, each observed as "
-                        f"y = M (FFT2c(x) + sigma_y e): a random column mask M of acceleration R = {fmt(R)} "
+            event=(f"(2, {size}, {size}) complex images (real, imaginary) with magnitude in [0, 2]" if complex_images
+                   else f"(1, {size}, {size}) magnitude images in [-2, 2]"),
+            corruption=(f"{observations} MRI slices of {source}, {size}x{size} pixels"
+                        + (" with a synthetic smooth phase" if complex_images else "")
+                        + (f", each observed through {coils} simulated coils as y_c = M (FFT2c(S_c x) + sigma_y e_c)"
+                           if coils > 1 else ", each observed as y = M (FFT2c(x) + sigma_y e)")
+                        + f": a random column mask M of acceleration R = {fmt(R)} "
                         f"over the centred 2-D FFT, noise std sigma_y = {fmt(sigma)}"
                         + (f", every observation repeated {data.get('duplicate')} times"
                            if (data.get("duplicate") or 1) > 1 else "")),
-            operator="`diffem.SubsampledFourier` (real and imaginary parts as two channels)",
-            posterior=("from diffem import SubsampledFourier\n"
-                       "from diffem.operators import column_mask\n"
-                       f"mask = ...  # (4, {size}) bool: the observed k-space columns, e.g. from column_mask\n"
-                       "A = SubsampledFourier(mask)\n"
-                       "y = ...  # (4, 2, H, W): real and imaginary k-space, zero on unobserved columns"),
+            operator=(f"`diffem.SenseFourier` ({coils} coils, " if coils > 1 else "`diffem.SubsampledFourier` (")
+            + ("complex images, " if complex_images else "") + "real and imaginary k-space as two channels)",
+            posterior=(
+                ("from diffem import SenseFourier\n"
+                 f"mask = ...  # (4, {size}, {size}) bool: the observed k-space points\n"
+                 f"maps = ...  # (4, {coils}, {size}, {size}) complex coil sensitivities (e.g. ESPIRiT)\n"
+                 f"A = SenseFourier(mask, maps{', complex_images=True' if complex_images else ''})\n"
+                 f"y = ...  # (4, {coils}, 2, H, W): each coil's real and imaginary k-space, zero where unobserved")
+                if coils > 1 else
+                ("from diffem import SubsampledFourier\n"
+                 "from diffem.operators import column_mask\n"
+                 f"mask = ...  # (4, {size}) bool: the observed k-space columns, e.g. from column_mask\n"
+                 f"A = SubsampledFourier(mask{', complex_images=True' if complex_images else ''})\n"
+                 "y = ...  # (4, 2, H, W): real and imaginary k-space, zero on unobserved columns")),
         )
 
     # -- options ---------------------------------------------------------------------------------
