@@ -587,6 +587,7 @@ def test_multicoil_observations_are_sense_and_replayable(tmp_path):
     obs = task.observations(tmp_path / "run")
     assert obs.y.shape[1:] == (4, 2, 16, 16) and obs.operator.in_shape == (2, 16, 16)
     assert obs.operator.maps.stride(0) == 0  # the shared maps are a view, not a copy per observation
+    assert obs.operator.to(torch.float64).maps.stride(0) == 0  # and stay one across a dtype change
 
 
 @needs_brains

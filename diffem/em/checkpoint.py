@@ -49,8 +49,7 @@ __all__ = [
 ]
 
 #: Top-level config keys a resumed run may change (``eval`` and ``hub`` are whole sections:
-#: evaluation and publishing do not change the prior).
-#: Top-level keys a resumed run may change (``output_dir``: the run folder was moved or copied).
+#: evaluation and publishing do not change the prior; ``output_dir``: the run folder was moved or copied).
 RESUMABLE_KEYS = ("laps", "eval", "hub", "output_dir")
 
 
@@ -74,8 +73,8 @@ def check_resume_config(path: Path, config: EMConfig, eval_data_keys: Iterable[s
     """Raise :class:`ConfigError` unless ``config`` may resume the run whose config is at ``path``.
 
     A resumed run may change ``laps``, the ``eval.*`` and ``hub.*`` keys, ``output_dir`` (a moved
-    run folder) and the task's evaluation-only ``data.*`` keys, and nothing else: every other key changes what the saved
-    laps mean.
+    run folder) and the task's evaluation-only ``data.*`` keys, and nothing else: every other key
+    changes what the saved laps mean.
 
     Arguments:
         path: The run's ``config.yaml`` (nothing to check when it does not exist yet).

@@ -227,18 +227,19 @@ class SenseFourier(LinearOperator):
         self.in_shape = (2 if self.complex_images else 1, h, w)
         self.out_shape = (self.coils, 2, h, w)
 
-    def _maps(self, like: Tensor) -> Tensor:
-        """The maps in the complex dtype of ``like``; shared (expanded, stride-0) axes stay expanded, so a
-        float64 solve does not copy one map per observation."""
-        dtype = torch.complex128 if like.dtype == torch.float64 else torch.complex64
-        maps = self.maps
-        if maps.dtype == dtype:
-            return maps
-        base = maps
+    def _shared_maps_to(self, *args, **kwargs) -> Tensor:
+        """``self.maps.to(...)`` with the shared (expanded, stride-0) axes kept expanded, so that a dtype
+        change or a move to a device does not copy one map per observation."""
+        maps, base = self.maps, self.maps
         for dim, stride in enumerate(maps.stride()):
             if stride == 0 and maps.shape[dim] > 1:
                 base = base.narrow(dim, 0, 1)
-        return base.to(dtype).expand(maps.shape)
+        return base.to(*args, **kwargs).expand(maps.shape)
+
+    def _maps(self, like: Tensor) -> Tensor:
+        """The maps in the complex dtype of ``like`` (shared axes stay expanded)."""
+        dtype = torch.complex128 if like.dtype == torch.float64 else torch.complex64
+        return self.maps if self.maps.dtype == dtype else self._shared_maps_to(dtype)
 
     def _forward(self, x: Tensor) -> Tensor:
         coil = self._maps(x) * as_complex(x, self.complex_images)[..., None, :, :]  # (..., C, H, W)
@@ -263,5 +264,5 @@ class SenseFourier(LinearOperator):
         complex_dtype = {torch.float64: torch.complex128, torch.float32: torch.complex64,
                          torch.float16: torch.complex64, torch.bfloat16: torch.complex64}.get(probe.dtype)
         has_dtype = any(isinstance(a, torch.dtype) for a in args) or "dtype" in kwargs
-        maps = self.maps.to(probe.device, dtype=complex_dtype if has_dtype else None)
+        maps = self._shared_maps_to(probe.device, dtype=complex_dtype if has_dtype else None)
         return self._replace(mask=self.mask.to(probe.device), maps=maps)

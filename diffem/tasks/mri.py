@@ -155,10 +155,11 @@ def _magnitude(x: Tensor) -> Tensor:
 
 
 def _display(x: Tensor) -> Tensor:
-    """Images as the figures show them: real ``(N, 1, H, W)`` in [-2, 2] (complex ones by their magnitude)."""
+    """Images ``(..., C, H, W)`` as the figures show them: real ``(..., 1, H, W)`` in [-2, 2] (complex ones,
+    ``C = 2``, by their magnitude)."""
     from ..data.mri import magnitude_as_real
 
-    return magnitude_as_real(x) if x.shape[1] == 2 else x
+    return magnitude_as_real(x) if x.shape[-3] == 2 else x
 
 
 class MriTask(Task):
@@ -382,7 +383,7 @@ class MriTask(Task):
         return complex_images(x, phases)
 
     def clean_signals(self) -> Tensor:
-        """The clean slices behind the observations, ``(N * data.duplicate, 1, S, S)`` in [-2, 2]
+        """The clean slices behind the observations, ``(N * data.duplicate, *event_shape)`` in [-2, 2]
         (``train_on: clean``, the oracle reference), in the observations' order."""
         x = self.clean_images("train")
         k = int(self.data["duplicate"])
@@ -477,7 +478,7 @@ class MriTask(Task):
                     "ssim": float(ssim(m, truth, data_range=1.0, gaussian_kernel=False, kernel_size=7).mean()),
                     "nmse": float(nmse(m, truth).mean())}
 
-        per_r, artifacts = {}, {"truth": x, "accelerations": {}}
+        per_r, artifacts = {}, {"truth": _display(x), "accelerations": {}}
         for r_index, R in enumerate(d["eval_accelerations"]):
             y, mask = self.evaluation_observations(R)
             A = self.operator(mask)
@@ -496,8 +497,7 @@ class MriTask(Task):
             def consistency(estimate: Tensor) -> float:
                 return float(((A(estimate) - y).flatten(1).norm(dim=1) / norm_y).mean())
 
-            coils = 1 if self.coil_maps is None else len(self.coil_maps)
-            noise_floor = float((float(d["noise_std"]) * (2 * coils * self.size * mask.sum(1)).double().sqrt()
+            noise_floor = float((float(d["noise_std"]) * (2 * int(d["coils"]) * self.size * mask.sum(1)).double().sqrt()
                                  / norm_y).mean())
             std = _magnitude(samples.flatten(0, 1)).reshape(n, k, self.size, self.size).std(1) if k > 1 else None
             entry = {}
@@ -514,8 +514,8 @@ class MriTask(Task):
             }
             per_r[f"{R:g}"] = entry
             artifacts["accelerations"][f"{R:g}"] = {
-                "mask": mask, "zero_filled": _display(zero_filled), "samples": _display(samples[:, :2].flatten(0, 1)).
-                reshape(n, -1, 1, self.size, self.size), "mean": _display(mean), "std": std,
+                "mask": mask, "zero_filled": _display(zero_filled), "samples": _display(samples[:, :2]),
+                "mean": _display(mean), "std": std,
             }
         out: dict = {"accelerations": per_r, "eval_slices": n, "posterior_samples": k}
         train_r = f"{float(d['acceleration']):g}"
@@ -524,8 +524,6 @@ class MriTask(Task):
                 out[key] = per_r[train_r][key]
         cfg = self.config.eval
         prior = draw_prior_samples(pipeline, cfg.samples, cfg, generator_seed, progress) if cfg.samples > 0 else None
-        artifacts["prior"] = None if prior is None else prior[:16].cpu()
-        artifacts["truth"] = _display(x)
-        artifacts["prior"] = None if artifacts["prior"] is None else _display(artifacts["prior"])
+        artifacts["prior"] = None if prior is None else _display(prior[:16].cpu())
         self.artifacts = artifacts
         return out

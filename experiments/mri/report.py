@@ -142,7 +142,7 @@ def read_cs(path: Path, config: dict, records: list[dict]) -> dict | None:
     if cs.get("profile") != config["profile"]:
         raise SystemExit(f"`{path}` holds compressed sensing of the {cs.get('profile')!r} profile, "
                          f"not of this run's {config['profile']!r}")
-    n = next((r["eval_slices"] for r in _evaluated(records) if r.get("eval_slices")), None)
+    n = _eval_slices(records)
     if n is not None and len(cs["test_slices"]) != n:
         raise SystemExit(f"`{path}` reconstructed {len(cs['test_slices'])} held-out slices, the run evaluated {n}")
     pt = path.with_suffix(".pt")
@@ -190,6 +190,11 @@ def _wall(records: list[dict]) -> float:
 
 def _evaluated(records: list[dict]) -> list[dict]:
     return [r for r in records if r.get("accelerations")]
+
+
+def _eval_slices(records: list[dict]) -> int | None:
+    """The number of held-out slices the run evaluated (None before its first evaluation)."""
+    return next((r["eval_slices"] for r in _evaluated(records) if r.get("eval_slices")), None)
 
 
 def _settings(config: dict, records: list[dict]) -> list[str]:
@@ -248,7 +253,7 @@ def read_variant(name: str, path: Path, config: dict, records: list[dict]) -> di
     what, ok = VARIANTS[name]
     if vconfig.get("experiment") != "mri" or vconfig.get("profile") != config["profile"] or not ok(vconfig):
         raise SystemExit(f"`{path}` is not the {config['profile']!r} profile's {what} (config.yaml)")
-    n = next((r["eval_slices"] for r in _evaluated(records) if r.get("eval_slices")), None)
+    n = _eval_slices(records)
     evaluated = _evaluated(vrecords)
     if evaluated and n is not None and evaluated[-1].get("eval_slices") != n:
         raise SystemExit(f"`{path}` evaluated {evaluated[-1].get('eval_slices')} held-out slices, the main run {n}")
