@@ -19,6 +19,7 @@ after ``--warmup`` calls of each. Both forms are checked to agree before timing.
 Usage::
 
     python benchmarks/mmps_step.py --preset cpu --batch 64 --maxiter 1 --size 32 --repeats 10
+    python benchmarks/mmps_step.py --prior runs/cifar10-cpu-p50/lap_03 --batch 256   # a trained prior's U-Net
 
 Prints one JSON object: preset, params, batch, maxiter, device, threads, new_step_s,
 old_step_s, forward_plus_vjps_s, new_over_old, new_over_floor, max_abs_difference.
@@ -50,6 +51,9 @@ def _sync(device: torch.device) -> None:
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="cpu", choices=sorted(UNET_PRESETS))
+    parser.add_argument("--prior", default=None,
+                        help="a lap folder or published prior whose U-Net is timed instead of a fresh --preset one "
+                             "(its sample size and channels replace --size and --channels)")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--maxiter", type=int, default=1)
     parser.add_argument("--size", type=int, default=32)
@@ -68,7 +72,15 @@ def main(argv=None) -> dict:
     device = torch.device(args.device)
     g = torch.Generator().manual_seed(args.seed)
 
-    unet = build_unet(args.preset, sample_size=args.size, channels=args.channels, seed=args.seed).to(device).eval()
+    if args.prior is not None:
+        from diffem.pipeline import load_prior
+
+        unet = load_prior(args.prior).unet
+        args.preset = f"prior {args.prior}"
+        args.size, args.channels = unet.config.sample_size, unet.config.in_channels
+    else:
+        unet = build_unet(args.preset, sample_size=args.size, channels=args.channels, seed=args.seed)
+    unet = unet.to(device).eval()
     denoiser = Denoiser(unet)
     params = sum(p.numel() for p in unet.parameters())
 

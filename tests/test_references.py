@@ -141,3 +141,40 @@ def test_an_ambient_run_saves_a_mask_conditioned_prior_that_samples_through_the_
     gens = [torch.Generator().manual_seed(i) for i in range(2)]
     x = pipe(2, 3, gens, progress=False).samples
     assert x.shape == (2, 3, 32, 32) and bool(torch.isfinite(x).all())
+
+
+def test_the_oracle_search_trains_times_and_projects_each_setting(tmp_path, monkeypatch):
+    """``oracle_search.py run`` trains a setting's oracle and times its E-step; ``report`` projects an EM
+    level phase by phase from the committed anchor run, scaled by each setting's cost over the profile's."""
+    from conftest import load_script
+
+    search = load_script(ROOT / "experiments" / "cifar10-baselines" / "oracle_search.py", "oracle_search")
+    monkeypatch.setenv("RESULTS_DIR", str(tmp_path / "res"))
+    assert search.main(["run", "--profile", "smoke", "--only", "s2", "--run-root", str(tmp_path / "runs"),
+                        "--repeats", "1", "--no-progress"]) == 0
+    res = tmp_path / "res" / "oracle-search-smoke"
+    timing = json.loads((res / "s2" / search.TIMING_FILE).read_text())
+    assert timing["batch"] == 32 and timing["new_step_s"] > 0  # the smoke E-step's batch
+    # A second setting, prepared from the first: its MMPS step costs 2x, its M-step 3x the profile's.
+    (res / "s4").mkdir()
+    (res / "s4" / "config.yaml").write_text((res / "s2" / "config.yaml").read_text())
+    records = [json.loads(line) for line in (res / "s2" / "metrics.jsonl").read_text().splitlines()]
+    records = [r | {"mstep_time_s": 3 * r["mstep_time_s"], "fid": r["fid"] - 1.0} for r in records]
+    (res / "s4" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (res / "s4" / search.TIMING_FILE).write_text(json.dumps(timing | {"new_step_s": 2 * timing["new_step_s"]}))
+    table, figure = tmp_path / "search.md", tmp_path / "search.png"
+    assert search.main(["report", "--profile", "smoke", "--table", str(table), "--figure", str(figure)]) == 0
+
+    _, anchor = search.read_run(ROOT / "experiments" / "cifar10" / "results" / "cpu-p75")
+    estep = sum(r["estep_time_s"] for r in anchor if r["lap"] > 0)
+    mstep = sum(r["mstep_time_s"] for r in anchor)
+    total = sum(r["estep_time_s"] + r["mstep_time_s"] + r.get("eval_time_s", 0.0) for r in anchor)
+    cells = {line.split(" | ")[0].strip("| ").split("`")[1]: line.split(" | ") for line in table.read_text().splitlines()
+             if line.startswith("| `")}
+    assert float(cells["s2"][11]) == pytest.approx(total / 60, abs=0.05)  # the profile's own row is the anchor
+    assert float(cells["s4"][11]) == pytest.approx((total + estep + 2 * mstep) / 60, abs=0.05)
+    assert cells["s2"][12].strip(" |") == "yes" and cells["s4"][12].strip(" |") == "no"
+    own = json.loads((tmp_path / "runs" / "oracle-search-smoke-s2" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert cells["s2"][5] == f"{own['fid']:.1f}"
+    assert "`s2`, is the best feasible one; the profile stays" in table.read_text()  # s4 is better but does not fit
+    assert figure.stat().st_size > 0
