@@ -14,7 +14,7 @@ from .edm import edm_scheduler, make_scheduler
 from .gaussian import GaussianPrior
 from .linalg import conjugate_gradient
 from .networks import DiT, MLP, build_unet, unet_config
-from .operators import GaussianObservation, Identity, Mask, Projection, SenseFourier, SubsampledFourier
+from .operators import GaussianObservation, Identity, Mask, Projection, Scaled, SenseFourier, SubsampledFourier
 from .pipeline import DiffusionPriorPipeline, DiffusionPriorPipelineOutput
 from .posterior import DiffPIRDenoiser, DPSGuidance, MMPSDenoiser, PiGDMGuidance, TMPDDenoiser, make_posterior
 from .sampling import sample, sample_posterior
@@ -40,6 +40,7 @@ __all__ = [
     "make_posterior",
     "Mask",
     "Projection",
+    "Scaled",
     "SubsampledFourier",
     "SenseFourier",
     "VEScheduler",

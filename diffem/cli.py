@@ -45,6 +45,7 @@ def _train(args) -> int:
         why = "CUDA found" if profile == "paper" else "no CUDA"
         print(f"diffem: profile {profile} ({why}; --profile cpu | paper chooses)", file=sys.stderr)
     overrides = list(args.set) + ([f"data.path={args.data}"] if args.data else [])
+    overrides += [f"data.validation={args.validation}"] if args.validation else []
     config = load_config(args.experiment, profile, path=args.config, overrides=overrides)
     if args.output_dir:
         config.output_dir = args.output_dir
@@ -167,6 +168,9 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("--data", default=None, metavar="PATH_OR_ID",
                        help="`diffem train custom`: your observation dataset (diffem.data.custom: a save_to_disk "
                             "folder, parquet, .npz or a Hub dataset id); sets data.path")
+    train.add_argument("--validation", default=None, metavar="PATH_OR_ID",
+                       help="`diffem train custom`: an optional clean validation dataset (the same schema plus a column "
+                            "`x`), scored by the evaluation only; sets data.validation")
     train.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE", help="config overrides, e.g. mstep.lr=1e-3")
     train.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
     train.add_argument("--no-progress", action="store_true")

@@ -47,11 +47,16 @@ def test_custom_training_on_the_cifar10_observations_reproduces_the_built_in_exp
 
 
 def test_the_worked_example_trains_evaluates_and_reports_without_ground_truth(tmp_path):
-    data, run = tmp_path / "mnist-masked", tmp_path / "run"
-    assert load_script(EXAMPLE, "make_example").main([str(data), "--observations", "64"]) == 0
+    """The README's worked example, with one sigma_y per observation and a clean validation set: the
+    ground-truth-free metrics, the validation scores, the report and the model card."""
+    data, val, run = tmp_path / "mnist-masked", tmp_path / "mnist-val", tmp_path / "run"
+    assert load_script(EXAMPLE, "make_example").main([str(data), "--observations", "64", "--noise-std-max", "0.2",
+                                                      "--validation", str(val), "--validation-count", "8"]) == 0
     assert sorted(p.name for p in data.iterdir() if p.suffix != ".arrow") == ["dataset_info.json", "diffem.json",
                                                                                 "state.json"]
-    result = run_cli("train", "custom", "--data", data, "--profile", "smoke", "--output-dir", run, "--no-progress")
+    assert "x" not in __import__("datasets").load_from_disk(str(data)).column_names  # no clean image for training
+    result = run_cli("train", "custom", "--data", data, "--validation", val, "--profile", "smoke", "--output-dir", run,
+                     "--no-progress")
     assert result.returncode == 0, result.stderr[-3000:]
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     evaluated = [r for r in records if r["eval_status"] == "ok"]
@@ -60,10 +65,80 @@ def test_the_worked_example_trains_evaluates_and_reports_without_ground_truth(tm
         # consistent with y at least as well as a blank image, and never below the noise
         assert r["noise_floor_train"] < r["data_consistency_train"] < 1.0
         assert r["data_consistency_heldout"] is not None and r["posterior_spread"] > 0
+        # against the clean validation digits: the posterior mean beats the observation A^+ y
+        assert r["validation_observations"] == 4 and r["psnr_posterior_mean"] > r["psnr_observation"]
     assert records[1]["observations"] == 48  # the last 25 % (16) held out
     report = load_script(ROOT / "experiments" / "custom" / "report.py", "custom_report")
     assert report.main([str(run)]) == 0
-    assert "| 2 | diffusion |" in (run / "report.md").read_text() and (run / "report.png").stat().st_size > 0
+    text = (run / "report.md").read_text()
+    assert "| 2 | diffusion |" in text and "Against the clean validation set" in text
+    assert f"| 2 | {evaluated[-1]['psnr_posterior_mean']:.3g} |" in text
+    assert (run / "report.png").stat().st_size > 0
+    # the model card names the dataset, its operator, the per-observation noise and the validation scores
+    from diffem.hub.publish import build_repo_folder
+
+    card = (build_repo_folder(run, 2, tmp_path / "repo", "me/custom-prior") / "README.md").read_text()
+    assert "dataset `mnist-masked-50` with a mask operator" in card and "one per observation" in card
+    assert "operator: `diffem.Mask`" in card
+    assert "clean validation set `mnist-val`" in card and f"value: {evaluated[-1]['psnr_posterior_mean']}" in card
+
+
+def test_one_noise_level_per_observation_is_whitened_to_the_same_posterior():
+    """w y = w A x + sigma_0 e with w = sigma_0 / sigma_i: the exact Gaussian posterior of every observation
+    is unchanged, and so are each observation's data consistency and noise floor."""
+    from diffem.gaussian import GaussianPrior
+    from diffem.observations import whiten
+    from diffem.operators import Projection
+
+    g = torch.Generator().manual_seed(0)
+    prior = GaussianPrior(event_shape=(7,), rank=3).double()
+    with torch.no_grad():
+        for p in prior.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64))
+    A = Projection(torch.randn(4, 3, 7, generator=g, dtype=torch.float64))
+    sigma = torch.tensor([0.05, 0.1, 0.2, 0.4], dtype=torch.float64)
+    x = torch.randn(4, 7, generator=g, dtype=torch.float64)
+    y = A(x) + sigma[:, None] * torch.randn(4, 3, generator=g, dtype=torch.float64)
+    y_w, A_w, sigma_0 = whiten(y, A, sigma)
+    assert sigma_0 == pytest.approx(0.1)  # the lower middle value of an even count
+    mean_w, cov_w = prior.posterior(y_w, A_w, sigma_0)
+    for i in range(4):
+        mean, cov = prior.posterior(y[i:i + 1], A[i:i + 1], float(sigma[i]))
+        torch.testing.assert_close(mean_w[i:i + 1], mean, rtol=1e-9, atol=1e-9)
+        torch.testing.assert_close(cov_w[i:i + 1], cov, rtol=1e-9, atol=1e-9)
+    ratio = lambda r, v: r.norm(dim=1) / v.norm(dim=1)  # noqa: E731
+    torch.testing.assert_close(ratio(A_w(x) - y_w, y_w), ratio(A(x) - y, y))
+    torch.testing.assert_close(sigma_0 * 3 ** 0.5 / y_w.norm(dim=1), sigma * 3 ** 0.5 / y.norm(dim=1))
+    with pytest.raises(ValueError, match="one per observation"):
+        whiten(y, A, sigma[:3])
+
+
+def test_a_per_row_noise_column_round_trips_and_is_whitened(tmp_path):
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(6, 1, 8, 8, generator=g)
+    mask = torch.rand(6, 1, 8, 8, generator=g) > 0.5
+    sigma = torch.tensor([0.01, 0.02, 0.04, 0.01, 0.02, 0.04], dtype=torch.float64)
+    folder = save_observation_dataset(tmp_path / "disk", mask * x, mask, "mask", [1, 8, 8], [0, 1], sigma)
+    data = load_observation_dataset(folder)
+    assert torch.equal(data.noise_std, sigma) and "noise_std" not in json.loads((folder / "diffem.json").read_text())
+    obs = to_observation_set(data)
+    assert obs.noise_std == pytest.approx(4 * 0.02)  # the median, mapped to [-2, 2]
+    w = (0.02 / sigma).float()
+    torch.testing.assert_close(obs.y, w[:, None, None, None] * Mask(mask, channels=1)(4 * x - 2))
+    torch.testing.assert_close(obs.operator.pinv(obs.y), Mask(mask, channels=1)(4 * x - 2))
+
+
+def test_a_bad_validation_set_is_refused_before_any_work(tmp_path):
+    data, val = tmp_path / "data", tmp_path / "val"
+    assert load_script(EXAMPLE, "make_example").main([str(data), "--observations", "8", "--validation", str(val),
+                                                      "--validation-count", "4"]) == 0
+    out = tmp_path / "run"
+    no_x = run_cli("train", "custom", "--data", data, "--validation", data, "--profile", "smoke", "--output-dir", out)
+    assert no_x.returncode == 2 and "column `x` is missing" in no_x.stderr and not out.exists()
+    meta = json.loads((val / "diffem.json").read_text())
+    (val / "diffem.json").write_text(json.dumps(meta | {"data_range": [0, 255]}))
+    other = run_cli("train", "custom", "--data", data, "--validation", val, "--profile", "smoke", "--output-dir", out)
+    assert other.returncode == 2 and "`data.validation`: its metadata `data_range`" in other.stderr and not out.exists()
 
 
 def test_npz_parquet_and_save_to_disk_give_the_same_observations(tmp_path):
@@ -105,7 +180,9 @@ META = {"operator": "mask", "event_shape": [1, 8, 8], "data_range": [0, 1], "noi
     (lambda c, m: m.pop("data_range"), "metadata `data_range` is missing"),
     (lambda c, m: m.update(data_range=[1, 0]), "metadata `data_range` must be \\[low, high\\]"),
     (lambda c, m: m.pop("noise_std"), "no noise level"),
-    (lambda c, m: c.update(noise_std=np.array([0.1, 0.1, 0.2, 0.1])), "column `noise_std` varies"),
+    (lambda c, m: c.update(noise_std=np.array([0.1, 0.1, 0.2, 0.1])), "metadata `noise_std` .* gives one value"),
+    (lambda c, m: c.update(noise_std=np.array([0.1, 0.1, -0.2, 0.1])), "column `noise_std` must be finite and > 0"),
+    (lambda c, m: c.update(noise_std=np.array([0.1, 0.2])), "column `noise_std` has 2 rows"),
     (lambda c, m: c.update(x=np.zeros((4, 1, 8, 8))), "column `x` is not part of the schema"),
     (lambda c, m: c.update(mask=np.zeros((4, 1, 8, 8), bool)), "some rows observe no pixel"),
 ])

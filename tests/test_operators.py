@@ -13,6 +13,7 @@ from diffem.operators import (
     Identity,
     Mask,
     Projection,
+    Scaled,
     SenseFourier,
     SubsampledFourier,
     SuperResolution,
@@ -65,12 +66,19 @@ def make_operator(kind, batch, g):
         # std <= 0.7 px: min |k^| > 1e-3 = cutoff on 6x5, so the pseudo-inverse is exact.
         std = 0.3 + 0.4 * torch.rand(batch, generator=g, dtype=torch.float64)
         return GaussianBlur(std, (2, 6, 5)), (2, 6, 5), (2, 6, 5)
+    if kind == "scaled":  # a per-sample projection, one scale per sample (whitening)
+        scale = 0.5 + torch.rand(batch, generator=g, dtype=torch.float64)
+        return Scaled(Projection(torch.randn(*batch, 3, 7, generator=g, dtype=torch.float64)), scale), (7,), (3,)
+    if kind == "scaled-shared":  # one shared operator, scaled per sample: the scale carries the batch
+        scale = 0.5 + torch.rand(batch, generator=g, dtype=torch.float64)
+        return Scaled(SuperResolution(2, (2, 4, 6)), scale), (2, 4, 6), (2, 2, 3)
     raise AssertionError(kind)
 
 
 KINDS = ["identity", "mask", "projection", "fourier", "sense", "fourier-complex", "sense-complex", "box", "superres",
-         "blur"]
-PARAM_KINDS = ["mask", "projection", "fourier", "sense", "fourier-complex", "sense-complex", "box", "blur"]  # with per-sample parameters
+         "blur", "scaled", "scaled-shared"]
+PARAM_KINDS = ["mask", "projection", "fourier", "sense", "fourier-complex", "sense-complex", "box", "blur", "scaled",
+               "scaled-shared"]  # with per-sample parameters
 
 
 # -- adjoint identity ----------------------------------------------------------------------------

@@ -17,8 +17,10 @@ with no clean :math:`x` in it. Rows are observations; the columns are
   (:class:`~diffem.operators.Mask`, :class:`~diffem.operators.Projection`,
   :class:`~diffem.operators.SubsampledFourier`: the centred orthonormal FFT, real and imaginary
   parts as two channels);
-- ``noise_std``: :math:`\sigma_y` (optional column; else the metadata's), in data units, > 0 and
-  the same for every row.
+- ``noise_std``: :math:`\sigma_y` (optional column; else the metadata's), in data units, > 0: one
+  for all rows, or one per row. Observations with their own noise level are whitened
+  (:func:`diffem.observations.whiten`): row :math:`i` becomes :math:`w_i y_i` with operator
+  :math:`w_i A_i` and one shared :math:`\sigma_0` (the median), which leaves every posterior unchanged.
 
 The metadata (a JSON object) gives ``operator`` (``"mask"``, ``"projection"`` or ``"fourier"``),
 ``event_shape`` (the shape of one ``x``: ``[d]`` for vectors, ``[C, H, W]`` for images),
@@ -30,6 +32,10 @@ from ``diffem.json`` beside (or inside) the data, or from the dataset's ``info.d
 Sources (:func:`load_observation_dataset`): a folder written by ``datasets.Dataset.save_to_disk``,
 a ``.parquet`` file or a folder of them, an ``.npz`` file (arrays named as the columns,
 ``metadata`` a JSON string or a ``diffem.json`` beside it), or a Hub dataset id (online only).
+
+A *validation* dataset (``data.validation``, optional) has the same schema and metadata plus the
+column ``x``: the clean signals behind its observations. It is read by the evaluation only, which
+then scores posteriors against ``x`` (:class:`diffem.tasks.custom.CustomTask`); EM never sees it.
 
 Every check (:func:`validate`) runs before any work and raises
 :class:`~diffem.config.ConfigError` naming the column or metadata key and what was expected.
@@ -49,7 +55,7 @@ from torch import Tensor
 from ..config import ConfigError
 
 __all__ = ["OPERATOR_COLUMNS", "METADATA_FILE", "CustomObservations", "load_observation_dataset", "validate",
-           "to_observation_set", "save_observation_dataset"]
+           "to_observation_set", "to_model_units", "save_observation_dataset"]
 
 #: Operator kind -> the column holding its per-row parameters.
 OPERATOR_COLUMNS = {"mask": "mask", "projection": "matrix", "fourier": "mask"}
@@ -61,12 +67,13 @@ class CustomObservations:
     """A validated observation dataset: arrays in the user's units and the metadata.
 
     Attributes: ``y`` ``(N, *out_shape)`` float32, ``params`` (the operator column ``(N, ...)``),
-    ``noise_std`` (float, user units), ``operator`` (kind), ``event_shape`` (tuple),
-    ``data_range`` (low, high), ``name`` and ``source`` (what was read).
+    ``noise_std`` (float, or a float64 tensor ``(N,)`` when the rows have their own; user units), ``operator`` (kind), ``event_shape`` (tuple),
+    ``data_range`` (low, high), ``name`` and ``source`` (what was read); ``x`` ``(N, *event_shape)``,
+    the clean signals, for a validation dataset only (else ``None``).
     """
 
     def __init__(self, y, params, noise_std, operator, event_shape, data_range, name, source):
-        self.y, self.params, self.noise_std = y, params, noise_std
+        self.y, self.params, self.noise_std, self.x = y, params, noise_std, None
         self.operator, self.event_shape, self.data_range = operator, event_shape, data_range
         self.name, self.source = name, source
 
@@ -91,8 +98,13 @@ def _read_metadata(path: Path | None, description: str | None, embedded=None) ->
                       "with `operator`, `event_shape` and `data_range` (diffem.data.custom)")
 
 
-def load_observation_dataset(source: str | os.PathLike) -> CustomObservations:
+def load_observation_dataset(source: str | os.PathLike, clean: bool = False, key: str = "data.path") -> CustomObservations:
     """Read and :func:`validate` an observation dataset (module docstring: the schema and the sources).
+
+    Arguments:
+        source: A ``save_to_disk`` folder, parquet file or folder, ``.npz`` file or Hub dataset id.
+        clean: Read a *validation* dataset: the same schema plus the column ``x``, the clean signals.
+        key: The config key named in errors.
 
     Raises:
         ConfigError: for a missing source, a missing or bad column or metadata key (the message names it).
@@ -104,7 +116,7 @@ def load_observation_dataset(source: str | os.PathLike) -> CustomObservations:
     embedded = None
     if path.suffix == ".npz":
         if not path.is_file():
-            raise ConfigError(f"config key `data.path`: file `{path}` does not exist")
+            raise ConfigError(f"config key `{key}`: file `{path}` does not exist")
         with np.load(path, allow_pickle=False) as f:
             columns = {k: f[k] for k in f.files if k != "metadata"}
             embedded = str(f["metadata"]) if "metadata" in f.files else None
@@ -117,21 +129,21 @@ def load_observation_dataset(source: str | os.PathLike) -> CustomObservations:
                 files = [str(path)] if path.is_file() else sorted(str(p) for p in path.glob("*.parquet"))
                 ds = datasets.load_dataset("parquet", data_files=files, split="train")
             else:
-                raise ConfigError(f"config key `data.path`: `{path}` is neither a `save_to_disk` folder, parquet nor .npz")
+                raise ConfigError(f"config key `{key}`: `{path}` is neither a `save_to_disk` folder, parquet nor .npz")
         elif "/" in text and not text.startswith((".", "/", "~")):
             try:
                 ds = datasets.load_dataset(text, split="train")
             except Exception as e:  # noqa: BLE001 - offline, or no such dataset
-                raise ConfigError(f"config key `data.path`: `{text}` is no local path and could not be loaded from "
+                raise ConfigError(f"config key `{key}`: `{text}` is no local path and could not be loaded from "
                                   f"the Hub ({type(e).__name__}: {e})") from None
         else:
-            raise ConfigError(f"config key `data.path`: `{path}` does not exist")
+            raise ConfigError(f"config key `{key}`: `{path}` does not exist")
         if isinstance(ds, datasets.DatasetDict):
             ds = ds["train"]
         meta = _read_metadata(path if path.exists() else None, ds.info.description)
         ds = ds.with_format("numpy")
         columns = {name: ds[name] for name in ds.column_names}
-    return validate(columns, meta, text)
+    return validate(columns, meta, text, clean=clean)
 
 
 def _stack(name: str, column) -> np.ndarray:
@@ -144,8 +156,11 @@ def _stack(name: str, column) -> np.ndarray:
     return array
 
 
-def validate(columns: dict, meta: dict, source: str = "") -> CustomObservations:
+def validate(columns: dict, meta: dict, source: str = "", clean: bool = False) -> CustomObservations:
     """Check columns and metadata against the schema; see the module docstring.
+
+    With ``clean`` (a validation dataset) the column ``x`` is required: the clean signals, of the
+    event shape, finite, in the data's units; it is returned as the attribute ``x`` (float32).
 
     Raises:
         ConfigError: naming the column or metadata key: a missing column, wrong shapes, an operator
@@ -173,7 +188,9 @@ def validate(columns: dict, meta: dict, source: str = "") -> CustomObservations:
     param = OPERATOR_COLUMNS[kind]
     if param not in columns:
         raise ConfigError(f"operator {kind!r} needs a column `{param}` (columns: {', '.join(sorted(columns))})")
-    others = sorted(set(columns) - {"y", param, "noise_std"})
+    if clean and "x" not in columns:
+        raise ConfigError(f"column `x` is missing: a validation dataset holds the clean signals `x` beside y and `{param}`")
+    others = sorted(set(columns) - {"y", param, "noise_std"} - ({"x"} if clean else set()))
     if others:
         raise ConfigError(f"column `{others[0]}` is not part of the schema for operator {kind!r} "
                           f"(y, {param}, noise_std); a clean `x` never belongs in an observation dataset")
@@ -230,20 +247,33 @@ def validate(columns: dict, meta: dict, source: str = "") -> CustomObservations:
             raise ConfigError(f"column `noise_std` has {len(sig)} rows, column `y` {n}")
         if not (np.isfinite(sig).all() and (sig > 0).all()):
             raise ConfigError("column `noise_std` must be finite and > 0")
-        if sig.max() - sig.min() > 1e-12 * sig.max():
-            raise ConfigError(f"column `noise_std` varies over the rows ({sig.min():g} to {sig.max():g}): one sigma_y "
-                              "for every observation is supported, not one per observation yet")
-        noise = float(sig[0])
-        if "noise_std" in meta and abs(float(meta["noise_std"]) - noise) > 1e-12 * noise:
-            raise ConfigError(f"column `noise_std` ({noise:g}) and metadata `noise_std` ({meta['noise_std']}) disagree")
+        if sig.max() - sig.min() > 1e-12 * sig.max():  # one per observation
+            if "noise_std" in meta:
+                raise ConfigError(f"column `noise_std` varies over the rows ({sig.min():g} to {sig.max():g}) and metadata "
+                                  f"`noise_std` ({meta['noise_std']}) gives one value: give one or the other")
+            noise = torch.from_numpy(sig.copy())
+        else:
+            noise = float(sig[0])
+            if "noise_std" in meta and abs(float(meta["noise_std"]) - noise) > 1e-12 * noise:
+                raise ConfigError(f"column `noise_std` ({noise:g}) and metadata `noise_std` ({meta['noise_std']}) disagree")
     elif "noise_std" in meta:
         noise = float(meta["noise_std"])
         if not (math.isfinite(noise) and noise > 0):
             raise ConfigError(f"metadata `noise_std` must be finite and > 0, got {meta['noise_std']!r}")
     else:
         raise ConfigError("no noise level: give a column `noise_std` or metadata `noise_std` (sigma_y > 0)")
-    return CustomObservations(torch.from_numpy(y), torch.from_numpy(np.ascontiguousarray(p)), noise, kind, event,
-                              (float(rng[0]), float(rng[1])), str(meta.get("name", Path(source).name or "custom")), source)
+    out = CustomObservations(torch.from_numpy(y), torch.from_numpy(np.ascontiguousarray(p)), noise, kind, event,
+                             (float(rng[0]), float(rng[1])), str(meta.get("name", Path(source).name or "custom")), source)
+    if clean:
+        x = _stack("x", columns["x"]).astype(np.float32)
+        if x.shape != (n, *event):
+            raise ConfigError(f"column `x`: shape {x.shape}, expected {(n, *event)} (one clean signal of the event "
+                              f"shape {list(event)} per row)")
+        bad = np.flatnonzero(~np.isfinite(x.reshape(n, -1)).all(1))
+        if len(bad):
+            raise ConfigError(f"column `x` has non-finite values in {len(bad)} row(s), the first: {bad[:5].tolist()}")
+        out.x = torch.from_numpy(x)
+    return out
 
 
 def _operator(kind: str, params: Tensor, event_shape: tuple):
@@ -259,8 +289,10 @@ def _operator(kind: str, params: Tensor, event_shape: tuple):
 def to_observation_set(data: CustomObservations):
     r"""The :class:`~diffem.observations.ObservationSet` in diffem's units: the data range
     ``[low, high]`` mapped to ``[-2, 2]``, :math:`x' = s x + c` with :math:`s = 4 / (high - low)`,
-    :math:`c = -2 - s \cdot low`, so :math:`y' = s y + c A 1` and :math:`\sigma_y' = s \sigma_y`."""
-    from ..observations import ObservationSet
+    :math:`c = -2 - s \cdot low`, so :math:`y' = s y + c A 1` and :math:`\sigma_y' = s \sigma_y`.
+    Rows with their own :math:`\sigma_y` are then whitened (:func:`diffem.observations.whiten`).
+    The clean signals of a validation dataset map with :func:`to_model_units`."""
+    from ..observations import ObservationSet, whiten
 
     A = _operator(data.operator, data.params, data.event_shape)
     low, high = data.data_range
@@ -269,18 +301,32 @@ def to_observation_set(data: CustomObservations):
     y = data.y.float() * s
     if c != 0.0:
         y = y + c * A(torch.ones(len(data), *data.event_shape))
+    if torch.is_tensor(data.noise_std):
+        y, A, noise_std = whiten(y, A, data.noise_std * s)
+        return ObservationSet(y, A, noise_std, tuple(data.event_shape))
     return ObservationSet(y, A, float(data.noise_std * s), tuple(data.event_shape))
 
 
+def to_model_units(x: Tensor, data_range) -> Tensor:
+    """Clean signals in the data's units ``[low, high]`` mapped to diffem's ``[-2, 2]`` (:func:`to_observation_set`)."""
+    low, high = data_range
+    s = 4.0 / (high - low)
+    return x.float() * s + (-2.0 - s * low)
+
+
 def save_observation_dataset(path: str | os.PathLike, y: Tensor, params: Tensor, operator: str, event_shape,
-                             data_range, noise_std: float, name: str | None = None) -> Path:
+                             data_range, noise_std, name: str | None = None, x: Tensor | None = None) -> Path:
     """Write an observation dataset in the schema (``save_to_disk`` folder, metadata in ``diffem.json``
     and in ``info.description``), validated first.
 
     Arguments:
         path: The folder to write (replaced if it exists).
         y: Observations ``(N, *out_shape)``; params: the operator column ``(N, ...)`` (module docstring).
-        operator, event_shape, data_range, noise_std, name: The metadata.
+        operator, event_shape, data_range, name: The metadata.
+        noise_std: sigma_y in data units: a float (written to the metadata) or one per row,
+            ``(N,)`` (written as the column ``noise_std``).
+        x: The clean signals ``(N, *event_shape)`` of a *validation* dataset (column ``x``); never
+            for a training dataset.
 
     Raises:
         ConfigError: if the arrays and metadata break the schema.
@@ -289,12 +335,18 @@ def save_observation_dataset(path: str | os.PathLike, y: Tensor, params: Tensor,
 
     import datasets
 
-    meta = {"operator": operator, "event_shape": list(event_shape), "data_range": list(data_range),
-            "noise_std": float(noise_std)} | ({"name": name} if name else {})
-    checked = validate({"y": y.numpy(), OPERATOR_COLUMNS[operator]: params.numpy()}, meta, str(path))
+    per_row = np.ndim(noise_std) > 0
+    meta = {"operator": operator, "event_shape": list(event_shape), "data_range": list(data_range)}
+    meta |= ({} if per_row else {"noise_std": float(noise_std)}) | ({"name": name} if name else {})
     column = OPERATOR_COLUMNS[operator]
-    ds = datasets.Dataset.from_dict({"y": checked.y.numpy(), column: params.numpy()},
-                                    info=datasets.DatasetInfo(description=json.dumps(meta)))
+    columns = {"y": y.numpy(), column: params.numpy()}
+    if per_row:
+        columns["noise_std"] = np.asarray(noise_std, dtype=np.float64)
+    if x is not None:
+        columns["x"] = x.numpy()
+    checked = validate(columns, meta, str(path), clean=x is not None)
+    columns["y"] = checked.y.numpy()
+    ds = datasets.Dataset.from_dict(columns, info=datasets.DatasetInfo(description=json.dumps(meta)))
     path = Path(path)
     shutil.rmtree(path, ignore_errors=True)
     ds.save_to_disk(str(path))

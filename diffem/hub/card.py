@@ -13,6 +13,7 @@ References:
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Iterable
 
 from ..pipeline import PIPELINE_MODULE
@@ -32,6 +33,7 @@ METRICS: dict[str, tuple[str, str]] = {
     "psnr_zero_filled": ("psnr", "PSNR of the zero-filled image (dB)"),
     "ssim_zero_filled": ("ssim", "SSIM of the zero-filled image"),
     "sinkhorn": ("sinkhorn_divergence", "Sinkhorn divergence"),
+    "sinkhorn_validation": ("sinkhorn_divergence", "Sinkhorn divergence against the clean validation set"),
 }
 #: Metadata keys of every card (``model-index`` only when the lap's record has a metric of :data:`METRICS`).
 CARD_KEYS = ("library_name", "pipeline_tag", "tags", "license", "datasets", "model-index")
@@ -113,6 +115,13 @@ def _metric_config(key: str, config: dict, record: dict) -> str | None:
                 f"{data.get('posterior_steps')} steps, CG {data.get('posterior_maxiter')})")
         return (f"{record.get('eval_slices')} held-out slices at acceleration R = {_fmt(data.get('acceleration'))}, "
                 f"{what}; magnitude images, data range 1")
+    if config.get("experiment") == "custom" and key.startswith(("psnr", "ssim")):
+        return (f"the first {record.get('validation_observations')} observations of the clean validation set "
+                f"`{Path(str(data.get('validation'))).name}` x {record.get('posterior_samples')} MMPS posterior samples "
+                f"({str(est.get('method', '')).upper()} {est.get('steps')} steps, CG {est.get('maxiter')}), data range 4")
+    if key == "sinkhorn_validation":
+        return (f"{record.get('eval_samples', ev.get('samples'))} prior samples ({sampler}) vs the clean validation set "
+                f"`{Path(str(data.get('validation'))).name}` (two halves), entropic OT, minus the same between the halves")
     if key.startswith(("psnr", "ssim")):
         return (f"{record.get('posterior_observations')} observations x {record.get('posterior_samples')} MMPS "
                 f"posterior samples ({str(est.get('method', '')).upper()} {est.get('steps')} steps, "

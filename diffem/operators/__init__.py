@@ -22,7 +22,8 @@ Most also implement the Moore-Penrose pseudo-inverse ``A.pinv(y)``,
 The operators live in submodules, all re-exported here:
 
 - :mod:`diffem.operators.base`: the protocol (:class:`LinearOperator`, :class:`FunctionOperator`),
-  :class:`Identity`, :class:`GaussianObservation` and the argument checks;
+  :class:`Identity`, :class:`Scaled` (one scale per observation: whitening), :class:`GaussianObservation` and
+  the argument checks;
 - :mod:`diffem.operators.image`: :class:`Mask` (pixel masks, boxes), :class:`SuperResolution`,
   :class:`GaussianBlur`;
 - :mod:`diffem.operators.fourier`: :class:`SubsampledFourier` (MRI k-space) and :class:`SenseFourier` (multi-coil);
@@ -42,6 +43,7 @@ from .base import (
     GaussianObservation,
     Identity,
     LinearOperator,
+    Scaled,
     _check_noise_std,
     check_batch,
     check_finite,
@@ -56,6 +58,7 @@ __all__ = [
     "LinearOperator",
     "FunctionOperator",
     "Identity",
+    "Scaled",
     "Mask",
     "Projection",
     "SubsampledFourier",

@@ -394,6 +394,72 @@ class Identity(LinearOperator):
         return self
 
 
+class Scaled(LinearOperator):
+    r"""An operator scaled by one positive number per observation: :math:`A'_i = w_i A_i`.
+
+    Its use is whitening heteroscedastic observations (:func:`diffem.observations.whiten`):
+    :math:`y_i = A_i x + \sigma_i e` is the same likelihood as
+    :math:`w_i y_i = w_i A_i x + \sigma_0 e` with :math:`w_i = \sigma_0 / \sigma_i`, so one
+    :math:`\sigma_0` serves every observation. Adjoint :math:`A'^T_i = w_i A_i^T`; pseudo-inverse
+    :math:`A'^+_i = A_i^+ / w_i` (exact since :math:`w_i` is a scalar), when ``operator`` has one.
+
+    Arguments:
+        operator: The operator :math:`A`, batch shape ``(B,)`` or ``()`` (shared).
+        scale: :math:`w`, shape ``(B,)`` (or ``()`` for one scale), finite and > 0.
+
+    Raises:
+        TypeError: if ``operator`` is not a :class:`LinearOperator` or ``scale`` not a float tensor.
+        ValueError: if ``scale`` is not finite and positive, or its batch disagrees with ``operator``'s.
+    """
+
+    def __init__(self, operator: LinearOperator, scale: Tensor):
+        if not isinstance(operator, LinearOperator):
+            raise TypeError(f"`operator` must be a LinearOperator, got {type(operator).__name__}")
+        if not torch.is_tensor(scale) or not scale.is_floating_point():
+            raise TypeError(f"`scale` must be a floating-point tensor, got {type(scale).__name__}")
+        if scale.dim() > 1:
+            raise ValueError(f"`scale` must have shape (B,) or (), got {tuple(scale.shape)}")
+        if not bool(torch.isfinite(scale).all()) or not bool((scale > 0).all()):
+            raise ValueError("`scale` must be finite and > 0")
+        batch = tuple(scale.shape)
+        if tuple(operator.batch_shape) not in ((), batch):
+            raise ValueError(f"`scale` has batch shape {batch}, the operator {tuple(operator.batch_shape)}")
+        self.operator, self.scale, self.batch_shape = operator, scale, batch
+        self.in_shape, self.out_shape = operator.in_shape, operator.out_shape
+
+    def _weight(self, t: Tensor) -> Tensor:
+        return self.scale.to(t.dtype).reshape(*self.scale.shape, *([1] * (t.dim() - self.scale.dim())))
+
+    def _forward(self, x: Tensor) -> Tensor:
+        y = self.operator(x)
+        return self._weight(y) * y
+
+    def _adjoint(self, y: Tensor) -> Tensor:
+        return self.operator.T(self._weight(y) * y)
+
+    def _pinv(self, y: Tensor) -> Tensor:
+        return self.operator.pinv(y / self._weight(y))
+
+    @property
+    def has_pinv(self) -> bool:
+        return self.operator.has_pinv
+
+    def parameters(self) -> dict[str, Tensor]:
+        """``scale`` and the inner operator's parameters (prefixed ``operator.``)."""
+        return {"scale": self.scale} | {f"operator.{k}": v for k, v in self.operator.parameters().items()}
+
+    def __getitem__(self, index) -> "Scaled":
+        if self.scale.dim() == 0:  # shared by every sample, like any () operator
+            return self
+        return Scaled(self.operator[index], self.scale[index])
+
+    def to(self, *args, **kwargs) -> "Scaled":
+        return Scaled(self.operator.to(*args, **kwargs), self.scale.to(*args, **kwargs))
+
+    def __repr__(self) -> str:
+        return f"Scaled({self.operator!r}, scale of shape {tuple(self.scale.shape)})"
+
+
 def check_batch(operator: "LinearOperator", n: int, name: str = "operator") -> None:
     """Raise unless ``operator`` serves a batch of ``n`` observations.
 
