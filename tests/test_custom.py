@@ -218,3 +218,18 @@ def test_vectors_through_a_projection_get_the_mlp(tmp_path):
     assert isinstance(DiffusionPriorPipeline.from_pretrained(lap_dir(tmp_path / "run", 2)).unet, MLP)
     last = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
     assert last["noise_floor_train"] < last["data_consistency_train"] < 1.0
+    # a clean validation set of vectors: the Sinkhorn divergence of the prior samples against its x
+    xv = manifold.manifold_points(32, 0, "eval", features=5)
+    Av = manifold.random_projections(32, 1)
+    yv = torch.einsum("nij,nj->ni", Av, xv)
+    val = save_observation_dataset(tmp_path / "val", yv, Av, "projection", [5], [-2, 2], 0.01, x=xv)
+    run = tmp_path / "run-val"
+    result = run_cli("train", "custom", "--data", data, "--validation", val, "--profile", "smoke", "--output-dir", run,
+                     "--no-progress", "--set", "lap0.rank=5", "lap0.estep=exact", "laps=0")
+    assert result.returncode == 0, result.stderr[-3000:]
+    record = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+    from diffem.ot import manifold_divergence
+
+    prior = torch.load(run / "eval" / "lap_00.pt")["prior"]
+    assert len(prior) == 16 and record["sinkhorn_validation"] == pytest.approx(
+        manifold_divergence(prior, xv[:16], xv[16:]), rel=1e-6)
