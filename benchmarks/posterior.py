@@ -53,6 +53,7 @@ import json
 import math
 import os
 import platform
+import re
 import sys
 import time
 from pathlib import Path
@@ -413,13 +414,43 @@ def learned_benchmark(denoiser, x_true: Tensor, args, log=print) -> dict:
                 log(f"[{task}] {method:16s} steps {steps:4d}  PSNR {row['psnr']:.2f}  SSIM {row['ssim']:.3f}")
     return {
         "part": "learned",
-        "config": {"prior": str(args.prior), "observations": n_obs, "samples_per_observation": n_samp,
+        "config": {"prior": str(args.prior), "label": args.label, "observations": n_obs, "samples_per_observation": n_samp,
                    "steps": list(args.steps), "noise_std": args.noise_std, "seed": args.seed,
                    "tasks": list(args.tasks), "event_shape": list(event_shape),
                    "lpips": "not reported: its network weights are not available offline"},
         "hardware": hardware(),
         "results": results,
     }
+
+
+#: The label of a learned results file written before files carried one (the EM prior).
+LEARNED_LABEL = "EM prior"
+
+
+def learned_path(results_dir: Path, label: str) -> Path:
+    """The results file of a learned prior: ``posterior_learned.json`` for the EM prior's default label,
+    ``posterior_learned_<label>.json`` (label lower-cased, each run of other characters as one ``-``) otherwise."""
+    if label == LEARNED_LABEL:
+        return results_dir / "posterior_learned.json"
+    slug = re.sub(r"[^a-z0-9]+", "-", label.lower()).strip("-")
+    return results_dir / f"posterior_learned_{slug}.json"
+
+
+def _learned_comparison(learned: list[dict]) -> list[str]:
+    """PSNR / SSIM of the posterior mean under each learned prior, side by side (rows both have)."""
+    labels = [one["config"].get("label", LEARNED_LABEL) for one in learned]
+    rows = [{(r["task"], r["method"], r["steps"]): r for r in one["results"]} for one in learned]
+    keys = [k for k in rows[0] if all(k in other for other in rows[1:])]
+    head = " | ".join(f"{lab}: PSNR / SSIM" for lab in labels)
+    lines = ["## The learned priors side by side", "",
+             "The posterior mean's PSNR (dB) / SSIM under each prior, on the same held-out images, operators, noise "
+             f"and seeds; the last column is the first prior ({labels[0]}) minus the last ({labels[-1]}).", "",
+             f"| task | method | steps | {head} | PSNR difference |", "|---|---|---|" + "---|" * len(labels) + "---|"]
+    for k in keys:
+        cells = " | ".join(f"{_fmt(r[k]['psnr_of_mean'], '.2f')} / {_fmt(r[k]['ssim_of_mean'], '.3f')}" for r in rows)
+        diff = rows[0][k]["psnr_of_mean"] - rows[-1][k]["psnr_of_mean"]
+        lines.append(f"| {k[0]} | {METHOD_LABELS.get(k[1], k[1])} | {k[2]} | {cells} | {_fmt(diff, '+.2f')} |")
+    return lines + [""]
 
 
 # ----------------------------------------------------------------------------------------
@@ -434,7 +465,8 @@ def _fmt(v, spec):
     return "n/a" if v is None or (isinstance(v, float) and not math.isfinite(v)) else format(v, spec)
 
 
-def write_table(exact: dict | None, learned: dict | None, path: Path, source_names: dict) -> None:
+def write_table(exact: dict | None, learned: list[dict], path: Path, source_names: dict) -> None:
+    """The Markdown table: the exact part, then each learned prior (`learned`: their results, the EM prior first)."""
     lines = ["# Posterior sampling benchmark", ""]
     lines.append(f"Written by `benchmarks/posterior.py` from {', '.join(f'`{v}`' for v in source_names.values())}; "
                  "do not edit by hand.")
@@ -510,25 +542,28 @@ def write_table(exact: dict | None, learned: dict | None, path: Path, source_nam
                          f"{_fmt(fl.get('cov_error'), '.3f')} | {_fmt(fl['w2'], '.2f')} | |")
             lines.append("")
         lines += _headlines(exact)
-    if learned is not None:
-        c = learned["config"]
-        lines += [
-            "## Learned prior",
-            "",
-            f"Prior: `{c['prior']}`; {c['observations']} held-out images, σ_y = {c['noise_std']}, "
-            f"{c['samples_per_observation']} samples per observation. PSNR (dB) and SSIM of the samples "
-            "and of their mean against the true images (data range 4). LPIPS: " + c["lpips"] + ".",
-            "",
-            "| task | method | steps | NFE | PSNR | SSIM | PSNR of mean | SSIM of mean | ms |",
-            "|---|---|---|---|---|---|---|---|---|",
-        ]
-        for r in learned["results"]:
-            lines.append(
-                f"| {r['task']} | {METHOD_LABELS.get(r['method'], r['method'])} | {r['steps']} | {_fmt(r['nfe'], '.0f')} | "
-                f"{_fmt(r['psnr'], '.2f')} | {_fmt(r['ssim'], '.3f')} | {_fmt(r['psnr_of_mean'], '.2f')} | "
-                f"{_fmt(r['ssim_of_mean'], '.3f')} | {_fmt(r['seconds_per_sample'] * 1e3, '.1f')} |"
-            )
-        lines.append("")
+    if learned:
+        for one in learned:
+            c = one["config"]
+            lines += [
+                f"## Learned prior: {c.get('label', LEARNED_LABEL)}",
+                "",
+                f"Prior: `{c['prior']}`; {c['observations']} held-out images, σ_y = {c['noise_std']}, "
+                f"{c['samples_per_observation']} samples per observation. PSNR (dB) and SSIM of the samples "
+                "and of their mean against the true images (data range 4). LPIPS: " + c["lpips"] + ".",
+                "",
+                "| task | method | steps | NFE | PSNR | SSIM | PSNR of mean | SSIM of mean | ms |",
+                "|---|---|---|---|---|---|---|---|---|",
+            ]
+            for r in one["results"]:
+                lines.append(
+                    f"| {r['task']} | {METHOD_LABELS.get(r['method'], r['method'])} | {r['steps']} | {_fmt(r['nfe'], '.0f')} | "
+                    f"{_fmt(r['psnr'], '.2f')} | {_fmt(r['ssim'], '.3f')} | {_fmt(r['psnr_of_mean'], '.2f')} | "
+                    f"{_fmt(r['ssim_of_mean'], '.3f')} | {_fmt(r['seconds_per_sample'] * 1e3, '.1f')} |"
+                )
+            lines.append("")
+        if len(learned) > 1:
+            lines += _learned_comparison(learned)
     else:
         lines += [
             "## Learned prior",
@@ -680,6 +715,9 @@ def merge_results(old: dict, new: dict) -> dict:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--prior", default=None, help="a saved pipeline folder (EM lap): run the learned part")
+    p.add_argument("--label", default=None,
+                   help=f"the learned prior's name in the table (default {LEARNED_LABEL!r}); each label has its own "
+                        "results file, so an oracle prior's rows sit beside the EM prior's")
     p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     p.add_argument("--steps", nargs="+", type=int, default=[16, 64, 256])
@@ -705,6 +743,10 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.samples is None:
         args.samples = 1 if args.prior else 256
+    if args.label is None:
+        args.label = LEARNED_LABEL
+    if not args.label.strip():
+        p.error("--label must not be empty")
     for name in ("observations", "samples", "fit_images", "rank", "batch_size", "threads"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
@@ -721,7 +763,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     exact_path = args.results_dir / "posterior_exact.json"
-    learned_path = args.results_dir / "posterior_learned.json"
+    this_learned = learned_path(args.results_dir, args.label)
     if not args.report_only:
         args.results_dir.mkdir(parents=True, exist_ok=True)
         if args.prior is None:
@@ -743,14 +785,15 @@ def main(argv=None) -> int:
                 p_.requires_grad_(False)
             _, test = load_images(args, fit=False)
             results = learned_benchmark(denoiser, test.to(torch.float32), args)
-            learned_path.write_text(json.dumps(results, indent=1))
+            this_learned.write_text(json.dumps(results, indent=1))
     exact = json.loads(exact_path.read_text()) if exact_path.exists() else None
-    learned = json.loads(learned_path.read_text()) if learned_path.exists() else None
-    if exact is None and learned is None:
+    learned_files = sorted(args.results_dir.glob("posterior_learned*.json"), key=lambda f: (f.name != "posterior_learned.json", f.name))
+    learned = [json.loads(f.read_text()) for f in learned_files]
+    if exact is None and not learned:
         print(f"no results in {args.results_dir}", file=sys.stderr)
         return 1
     sources = {k: os.path.relpath(p, ROOT) if str(p).startswith(str(ROOT)) else str(p)
-               for k, p in (("exact", exact_path), ("learned", learned_path)) if p.exists()}
+               for k, p in (("exact", exact_path), *((f"learned ({f.stem})", f) for f in learned_files)) if p.exists()}
     write_table(exact, learned, args.table, sources)
     if exact is not None:
         write_figure(exact, args.figure)

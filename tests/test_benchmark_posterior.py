@@ -158,6 +158,16 @@ def test_learned_part_on_a_tiny_saved_pipeline(bench, tmp_path):
         assert math.isfinite(r["psnr"]) and -1 <= r["ssim"] <= 1 and r["nfe"] > 0
     table = (tmp_path / "table.md").read_text()
     assert "## Learned prior" in table and "LPIPS" in table and "PSNR" in table
+    # a second prior under its own label (the oracle beside the EM prior): its own file, then a side-by-side table
+    assert bench.main([*argv, "--label", "oracle (clean images)", "--methods", "mmps"]) == 0
+    oracle = json.loads((tmp_path / "results" / "posterior_learned_oracle-clean-images.json").read_text())
+    assert oracle["config"]["label"] == "oracle (clean images)" and len(oracle["results"]) == 2
+    table = (tmp_path / "table.md").read_text()
+    assert "## Learned prior: EM prior" in table and "## Learned prior: oracle (clean images)" in table
+    rows = [line for line in table.splitlines() if line.startswith("| inpaint75 | MMPS") and line.count("/") == 2]
+    em = next(r for r in data["results"] if r["task"] == "inpaint75" and r["method"] == "mmps")
+    ours = next(r for r in oracle["results"] if r["task"] == "inpaint75")
+    assert len(rows) == 1 and rows[0].endswith(f"| {em['psnr_of_mean'] - ours['psnr_of_mean']:+.2f} |")
 
 
 def test_bad_arguments(bench):

@@ -1,6 +1,6 @@
 """The CIFAR-10 oracle-size search (issue 25, section 3): where the `cpu` budget buys the most quality.
 
-    python experiments/cifar10-baselines/oracle_search.py run [--profile cpu] [--only NAME ...] [--run-root runs]
+    python experiments/cifar10-baselines/oracle_search.py run [--profile cpu] [--only NAME ...] [--run-root runs] [--em]
     python experiments/cifar10-baselines/oracle_search.py report [--profile cpu]
         [--table tables/cifar10_oracle_search.md] [--figure figures/cifar10_oracle_search.png]
 
@@ -9,6 +9,9 @@ oracle into ``RUN_ROOT/oracle-search-<profile>-<name>`` (resumable: a rerun skip
 laps), times its trained U-Net's MMPS E-step step with ``benchmarks/mmps_step.py`` (at the
 E-step's batch, CG and torch threads), and copies ``config.yaml``, ``metrics.jsonl`` and that
 timing (``estep_timing.json``) to ``experiments/cifar10-baselines/results/oracle-search-<profile>/<name>/``.
+
+``run --em`` runs the EM level itself at a setting's split (``RUN_ROOT/oracle-search-<profile>-em-<name>``,
+results in ``em-<name>/``): the projection below, measured, and the EM FID the split buys.
 
 ``report`` builds the table and the figure from those result folders only. Per setting: the
 last lap's FID and KID, the M-step's seconds a step, the oracle run's wall time, and the
@@ -89,6 +92,9 @@ def run(args) -> int:
         raise SystemExit(f"oracle_search.py: --only names no setting: {sorted(unknown)}")
     threads = int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1))
     for setting in chosen:
+        if args.em:
+            run_em_level(args, search, setting)
+            continue
         run_dir = Path(args.run_root) / f"oracle-search-{args.profile}-{setting['name']}"
         sets = [f"data.drop_prob={search['level']}", *search["sets"], *setting["sets"]]
         print(f"== {setting['name']} -> {run_dir} (--set {' '.join(sets)})", flush=True)
@@ -107,6 +113,32 @@ def run(args) -> int:
     return 0
 
 
+def run_em_level(args, search: dict, setting: dict) -> None:
+    """The EM level itself at a setting's split (lap 0, E-steps, M-steps, every evaluation of the profile):
+    what the projection projects, measured. Results in ``<results>/em-<name>/``."""
+    run_dir = Path(args.run_root) / f"oracle-search-{args.profile}-em-{setting['name']}"
+    sets = [f"data.drop_prob={search['level']}", *setting["sets"]]
+    print(f"== EM at {setting['name']} -> {run_dir} (--set {' '.join(sets)})", flush=True)
+    code = cli_main(["train", "cifar10", "--profile", search["base"], "--output-dir", str(run_dir),
+                     *(["--no-progress"] if args.no_progress else []), "--set", *sets])
+    if code != 0:
+        raise SystemExit(f"oracle_search.py: `diffem train` (EM) failed for {setting['name']} (exit {code})")
+    out = results_dir(args.profile) / f"em-{setting['name']}"
+    out.mkdir(parents=True, exist_ok=True)
+    for name in ("config.yaml", "metrics.jsonl"):
+        (out / name).write_text((run_dir / name).read_text())
+
+
+def _em_level(folder: Path) -> dict | None:
+    """The measured EM level of a setting (``em-<name>``), if it ran: wall time and last-lap FID / KID."""
+    if not (folder / "metrics.jsonl").exists():
+        return None
+    _, records = read_run(folder)
+    wall = sum(r["estep_time_s"] + r["mstep_time_s"] + r.get("eval_time_s", 0.0) for r in records)
+    return {"wall_s": wall, "fid": records[-1]["fid"], "kid": records[-1]["kid"], "kid_std": records[-1]["kid_std"],
+            "records": records}
+
+
 def _row(name: str, folder: Path) -> dict:
     config, records = read_run(folder)
     timing = json.loads((folder / TIMING_FILE).read_text())
@@ -120,7 +152,7 @@ def _row(name: str, folder: Path) -> dict:
         "fid": last["fid"], "kid": last["kid"], "kid_std": last["kid_std"],
         "mstep_s": mstep_s, "mstep_step_s": mstep_s / steps, "eval_s": evals[-1],
         "estep_step_s": timing["new_step_s"], "estep_batch": timing["batch"],
-        "wall_s": mstep_s + sum(evals), "records": records,
+        "wall_s": mstep_s + sum(evals), "records": records, "em": _em_level(folder.parent / f"em-{name}"),
     }
 
 
@@ -151,6 +183,8 @@ def rows(profile: str) -> tuple[dict, list[dict], dict]:
                             + phases["eval"] * r["eval_s"] / base["eval_s"])
         r["feasible"] = r["projected_s"] <= limit_s * (1 + 1e-9)
         r["gain"] = 1 - r["fid"] / base["fid"]
+    if base["em"] is None:  # the profile's own EM level is the anchor run
+        base["em"] = _em_level(ROOT / search["anchor"])
     return search, found, phases | {"limit_s": limit_s, "anchor_records": anchor}
 
 
@@ -171,17 +205,21 @@ def write_table(profile: str, path: Path) -> dict:
         f"`experiments/cifar10-baselines/results/oracle-search-{profile}/`.",
         "",
         "| setting | U-Net | parameters | batch | M-step steps | oracle FID | KID | FID vs profile | "
-        "M-step s / step | MMPS s / step | oracle run (min) | EM level, projected (min) | fits |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "M-step s / step | MMPS s / step | oracle run (min) | EM level, projected (min) | fits | "
+        "EM level, measured (min) | EM FID | EM KID |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|",
     ]
     for r in found:
         mark = " (profile)" if r is base else (" **best**" if r is best else "")
         change = "—" if r is base else f"{-100 * r['gain']:+.1f} %"
+        e = r["em"]
+        em = ("not run | | " if e is None else
+              f"{e['wall_s'] / 60:.1f} | {e['fid']:.1f} | {e['kid']:.3f} ± {e['kid_std']:.3f}")
         lines.append(
             f"| `{r['name']}`{mark} | `{r['preset']}` | {r['params'] / 1e6:.2f} M | {r['batch']} | {r['steps']} | "
             f"{r['fid']:.1f} | {r['kid']:.3f} ± {r['kid_std']:.3f} | {change} | "
             f"{r['mstep_step_s']:.3f} | {r['estep_step_s']:.2f} | {r['wall_s'] / 60:.1f} | "
-            f"{r['projected_s'] / 60:.1f} | {'yes' if r['feasible'] else 'no'} |")
+            f"{r['projected_s'] / 60:.1f} | {'yes' if r['feasible'] else 'no'} | {em} |")
     moved = best is not base and best["gain"] >= search["min_gain"]
     if best is base:
         verdict = f"**The profile's own setting, `{base['name']}`, is the best feasible one; the profile stays.**"
@@ -204,6 +242,11 @@ def write_table(profile: str, path: Path) -> dict:
         f"on the row's trained U-Net at the E-step's batch of {base['estep_batch']}. A row fits when its projection "
         f"is within {search['budget_min']} min, or within the profile's own measured level "
         f"({phases['limit_s'] / 60:.1f} min here).",
+        "- **EM columns.** The EM level itself (lap 0 and 3 laps at the row's split, 75 % deleted, evaluated every "
+        "lap), where it ran (`oracle_search.py run --em --only NAME`); the profile's row is the committed anchor run. "
+        f"The host speed differs between runs: the profile's M-step took {base['mstep_step_s']:.3f} s a step in the "
+        f"search against {phases['mstep'] / sum(r['mstep_steps'] for r in phases['anchor_records'] if r['lap'] > 0):.3f} "
+        "s in the anchor, so compare a measured level with its projection scaled by that ratio.",
         f"- **Sample counts.** FID / KID of {base['records'][-1]['fid_samples']:,} samples against "
         f"{base['records'][-1]['fid_reference']:,} train images: FIDs this small-sample are biased upwards and "
         "comparable only with each other.",
@@ -248,6 +291,8 @@ def main(argv=None) -> int:
     p_run.add_argument("--run-root", default=os.environ.get("RUN_ROOT", "runs"))
     p_run.add_argument("--repeats", type=int, default=5, help="timed MMPS steps per setting")
     p_run.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p_run.add_argument("--em", action="store_true",
+                       help="run the EM level at each chosen setting's split instead of its oracle (the projection, measured)")
     p_rep = sub.add_parser("report", help="write the table and the figure from the results")
     p_rep.add_argument("--profile", default="cpu")
     p_rep.add_argument("--table", default=None)
