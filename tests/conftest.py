@@ -42,6 +42,21 @@ import torch  # noqa: E402  (after the cache variables: libraries read them when
 torch.set_num_threads(int(os.environ.get("DIFFEM_TEST_THREADS", "1")))
 
 
+def pytest_addoption(parser):
+    parser.addoption("--device", default="cpu",
+                     help="the device of tests/test_device.py's core property tests, e.g. cuda or cuda:1 (default cpu; "
+                          "CI stays on the CPU)")
+
+
+@pytest.fixture(scope="session")
+def device(request) -> torch.device:
+    """The device named by ``pytest --device`` (default ``cpu``); a CUDA device that is absent stops the session."""
+    device = torch.device(request.config.getoption("--device"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        pytest.exit(f"--device {device}: CUDA is not available on this machine", returncode=4)
+    return device
+
+
 def pytest_unconfigure(config):
     if not os.environ.get("DIFFEM_TEST_KEEP_CACHE"):
         shutil.rmtree(SESSION_CACHE_ROOT, ignore_errors=True)

@@ -16,7 +16,7 @@ from diffem.operators import GaussianObservation, Projection
 from diffem.random import make_generators
 
 
-def _chunk(overrides):
+def _chunk(overrides, device="cpu"):
     config = load_config("manifold", "smoke", overrides=["estep.steps=8", "estep.method=ddpm", "estep.maxiter=2",
                                                          "estep.block=1"] + overrides)
     g = torch.Generator().manual_seed(0)
@@ -27,7 +27,7 @@ def _chunk(overrides):
     y = GaussianObservation(A, 0.05).sample(prior.sample(n, generator=g), generator=g)
     obs = ObservationSet(y, A, 0.05, (5,))
     gens = make_generators(0, 1, indices=range(n))
-    return sample_chunk(_NetworkLike(prior), obs, gens, n, config, "cpu")
+    return sample_chunk(_NetworkLike(prior).to(device), obs, gens, n, config, device)
 
 
 class _NetworkLike(torch.nn.Module):
