@@ -23,6 +23,7 @@ __all__ = [
     "MStepConfig",
     "EvalConfig",
     "HubConfig",
+    "KernelConfig",
     "ConfigError",
     "TRAIN_ON",
     "load_config",
@@ -131,6 +132,24 @@ TRAIN_ON = ("posterior", "clean", "observed", "ambient")
 
 
 @dataclass
+class KernelConfig:
+    """Speed options of the network's kernels (:mod:`diffem.kernels`); the defaults are the plain fp32 path.
+
+    Each changes how the same maths runs, not what it computes, up to float round-off (TF32 and
+    ``compile`` up to their own precision): the ``paper`` profiles state which they use and why.
+    """
+
+    tf32: bool = False  #: TF32 for CUDA matmuls and convolutions (no effect on the CPU)
+    channels_last: bool = False  #: the network's 4-D weights in channels_last memory format (images)
+    compile: str = ""  #: a ``torch.compile`` backend for the denoiser in the M-step and the E-step ("" off)
+    fused_adam: bool = False  #: ``torch.optim.Adam(fused=True)``: one kernel for every parameter
+    foreach_ema: bool = False  #: diffusers ``EMAModel(foreach=True)``: multi-tensor EMA updates
+    #: read the M-step's finiteness check (loss and gradient norm, one host-device sync) every ``k`` steps,
+    #: and always before a checkpoint and at the end: nothing non-finite is ever saved
+    check_every: int = 1
+
+
+@dataclass
 class EMConfig:
     """A whole EM run.
 
@@ -159,6 +178,7 @@ class EMConfig:
     mstep: MStepConfig = field(default_factory=MStepConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     hub: HubConfig = field(default_factory=HubConfig)
+    kernels: KernelConfig = field(default_factory=KernelConfig)
 
     def validate(self) -> "EMConfig":
         """Check ranges; raise :class:`ConfigError` naming the key."""
@@ -209,6 +229,9 @@ class EMConfig:
             ("eval.samples", self.eval.samples >= 0, "must be >= 0"),
             ("eval.method", self.eval.method in ("ddpm", "ddim", "pc"), "must be ddpm, ddim or pc"),
             ("eval.every", self.eval.every >= 1, "must be >= 1"),
+            ("kernels.check_every", self.kernels.check_every >= 1, "must be >= 1"),
+            ("kernels.compile", self.kernels.compile in ("",) + COMPILE_BACKENDS,
+             f"must be '' (off) or a torch.compile backend: {', '.join(COMPILE_BACKENDS)}"),
         ]
         for key, ok, why in checks:  # the names come from one registry, diffem.spec
             if not ok:
@@ -225,6 +248,10 @@ class EMConfig:
     @property
     def run_dir(self) -> Path:
         return Path(self.output_dir or f"runs/{self.experiment}-{self.profile}")
+
+
+#: The ``torch.compile`` backends ``kernels.compile`` accepts.
+COMPILE_BACKENDS = ("inductor", "cudagraphs", "aot_eager", "eager")
 
 
 def experiments_dir() -> Path:

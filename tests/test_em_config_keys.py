@@ -215,8 +215,10 @@ CHANGES = {
     "eval.every": (2, probe_eval, ["laps=4"]),
     "eval.powers_of_two": (True, probe_eval, ["laps=8", "eval.every=1"]),
 }
-# Keys owned and tested elsewhere: the Hub section (tests/test_hub.py).
-ELSEWHERE = ("hub.",)
+# Keys owned and tested elsewhere: the Hub section (tests/test_hub.py) and the kernel options, which by
+# design leave the run unchanged up to round-off (tests/test_kernels.py checks that each reaches the code
+# and computes the same network).
+ELSEWHERE = ("hub.", "kernels.")
 
 
 def _leaves(tree: dict, prefix: str = "") -> list[str]:

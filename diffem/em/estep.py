@@ -28,6 +28,8 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ..config import EMConfig
+from ..gaussian import GaussianPrior
+from ..kernels import compiled, prepare_network, set_matmul_precision
 from ..observations import ObservationSet
 from ..pipeline import denoiser_of
 from ..random import make_generators
@@ -108,7 +110,11 @@ def run_estep(accelerator, config: EMConfig, lap: int, obs: ObservationSet, fold
     mine = [c for c in chunks if c % acc.num_processes == acc.process_index]
     todo = [c for c in mine if not (folder / f"chunk_{c:05d}.pt").exists()]
     if todo:
-        denoiser = denoiser_of(load_prior().unet)
+        backbone = load_prior().unet
+        if not isinstance(backbone, GaussianPrior):  # the kernel options act on networks only
+            set_matmul_precision(config.kernels)
+            backbone = compiled(prepare_network(backbone, config.kernels), config.kernels)
+        denoiser = denoiser_of(backbone)
         denoiser.eval()
         sigma_x = None
         if estep_covariance(config, lap) == "sigma_x":

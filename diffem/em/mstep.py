@@ -25,7 +25,12 @@ global batch of ``mstep.batch_size`` samples split over the processes.
 - Precision: the objective is prepared by the accelerator, so its forward pass runs
   under the run's ``precision`` (autocast); weights, optimizer and EMA stay float32.
 - A non-finite loss or gradient norm stops the lap with :class:`NonFiniteLossError`
-  naming the step, the lap and the last good checkpoint, which is kept.
+  naming the step, the lap and the last good checkpoint, which is kept. It is read every
+  ``kernels.check_every`` steps (one host-device sync) and always before a checkpoint and at
+  the end, so nothing non-finite is ever saved; at 1 (the default) a non-finite step is
+  caught before it reaches the weights.
+- Kernels (:mod:`diffem.kernels`): ``kernels.tf32``, ``channels_last``, ``compile`` (of the
+  denoiser's forward; the backbone itself is trained and saved), ``fused_adam`` and ``foreach_ema``.
 
 References:
     Rozet et al. 2024, arXiv:2405.13712, Algorithm 1 (M-step) and Appendix C.
@@ -42,6 +47,7 @@ from tqdm.auto import tqdm
 
 from ..config import EMConfig, MStepConfig
 from ..denoiser import AmbientLoss, Denoiser, DenoisingLoss
+from ..kernels import compiled, prepare_network, set_matmul_precision
 from ..random import derive_seed
 from .checkpoint import MStepCheckpoint
 from .seeds import MSTEP
@@ -118,12 +124,17 @@ def run_mstep(accelerator, config: EMConfig, task, lap: int, samples: torch.Tens
     per_process = cfg.batch_size // acc.num_processes
     lo = acc.process_index * per_process
     local = slice(lo, lo + per_process)
+    kernels = config.kernels
+    set_matmul_precision(kernels)
+    backbone = prepare_network(backbone, kernels)
     backbone.train()
     ambient = config.train_on == "ambient"
-    objective = AmbientLoss(Denoiser(backbone)) if ambient else DenoisingLoss(Denoiser(backbone))
-    optimizer = torch.optim.Adam(backbone.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    network = compiled(backbone, kernels)  # shares backbone's parameters: backbone is trained and saved
+    objective = AmbientLoss(Denoiser(network)) if ambient else DenoisingLoss(Denoiser(network))
+    optimizer = torch.optim.Adam(backbone.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                 **({"fused": True} if kernels.fused_adam else {}))
     total = mstep_steps(cfg, n)
-    ema = EMAModel(backbone.parameters(), decay=cfg.ema_decay)
+    ema = EMAModel(backbone.parameters(), decay=cfg.ema_decay, foreach=kernels.foreach_ema)
     objective, optimizer = acc.prepare(objective, optimizer)
     checkpoint = MStepCheckpoint(folder, acc)
     step, log = checkpoint.load(ema)
@@ -132,7 +143,19 @@ def run_mstep(accelerator, config: EMConfig, task, lap: int, samples: torch.Tens
     rng_devices = [acc.device] if acc.device.type == "cuda" else []
 
     bar = tqdm(total=total, initial=step, desc=f"lap {lap} M-step", disable=not progress)
-    running = []
+    running, pending = [], []
+
+    def check(pending: list) -> None:
+        """Raise on the first non-finite loss or gradient norm among the pending steps (then forget them)."""
+        values = torch.stack([g for _, g in pending])  # (k, P, 1 or 2)
+        if not bool(torch.isfinite(values).all()):
+            k = int((~torch.isfinite(values)).flatten(1).any(1).nonzero()[0])
+            bad_step, bad = pending[k]
+            what = "loss" if not bool(torch.isfinite(bad[:, 0]).all()) else "gradient norm"
+            bar.close()
+            raise NonFiniteLossError(lap, bad_step, what, checkpoint.last(), previous)
+        pending.clear()
+
     while step < total:
         # The global batch's draws, alike on every process (the trailing 0 keeps the draws of
         # runs made when this generator was seeded per process: 1-process runs are unchanged).
@@ -160,21 +183,22 @@ def run_mstep(accelerator, config: EMConfig, task, lap: int, samples: torch.Tens
         if norm is not None:
             local_checks.append(torch.as_tensor(norm).float().reshape(1).to(acc.device))
         gathered = acc.gather(torch.cat(local_checks)).reshape(acc.num_processes, -1)  # one collective a step
-        losses = gathered[:, 0]  # (P,): the global batch's loss is their mean
-        if not bool(torch.isfinite(gathered).all()):
-            what = "loss" if not bool(torch.isfinite(losses).all()) else "gradient norm"
-            bar.close()
-            raise NonFiniteLossError(lap, step + 1, what, checkpoint.last(), previous)
+        pending.append((step + 1, gathered))
+        if kernels.check_every == 1:  # read now, before the step: a non-finite step never reaches the weights
+            check(pending)
         optimizer.step()
         ema.step(backbone.parameters())
         step += 1
-        running.append(float(losses.mean()))
+        running.append(gathered[:, 0].mean())  # (P,) losses: the global batch's loss is their mean
         bar.update(1)
+        save = step % cfg.checkpoint_every == 0 and step < total
+        if pending and (step % kernels.check_every == 0 or step == total or save):
+            check(pending)  # one host-device sync for the steps since the last check, before anything is saved
         if step % cfg.log_every == 0 or step == total:
-            log.append([step, sum(running) / len(running), lr])
+            log.append([step, sum(float(v) for v in running) / len(running), lr])
             bar.set_postfix(loss=f"{log[-1][1]:.4f}")
             running = []
-        if step % cfg.checkpoint_every == 0 and step < total:
+        if save:
             checkpoint.save(step, log, ema)
     bar.close()
     model = backbone
