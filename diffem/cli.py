@@ -234,6 +234,10 @@ def main(argv: list[str] | None = None) -> int:
                      "--h5 / --nifti / --npy (default 1e-2), k-space units for --kspace (default: estimated from "
                      "the outer k-space)")
     rec.add_argument("--seed", type=int, default=0, help="seed of the mask, the noise and the samples")
+    rec.add_argument("--no-dc-step", action="store_true",
+                     help="--kspace: skip the final data-consistency step (diffem.posterior.data_consistency_step: the "
+                          "posterior mean conditioned on y under N(mean, tau^2 I), tau^2 the samples' mean variance); "
+                          "the raw posterior mean is written either way")
     rec.add_argument("--output-dir", default="reconstruction")
     rec.set_defaults(func=_reconstruct)
 

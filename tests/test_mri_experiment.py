@@ -504,7 +504,11 @@ def test_reconstruct_kspace_as_acquired_multi_coil_and_single_coil(smoke_run, tm
         assert summary["coils"] == coils and summary["mask"] == ("the nonzero pattern of the k-space" if not extra
                                                                  else str(tmp_path / "mask.npy"))
         assert "low-resolution" in summary["resolution"] and "16x16" in summary["resolution"]
-        assert len(summary["data_consistency_per_coil"]["posterior_mean"]) == coils
+        dc = summary["data_consistency_per_coil"]
+        assert len(dc["posterior_mean"]) == coils
+        # the final data-consistency step moves the mean towards the data, coil by coil
+        assert all(a < b for a, b in zip(dc["posterior_mean_dc"], dc["posterior_mean"])), dc
+        assert np.load(out / "posterior_mean_dc.npy").shape == (16, 16) and "tau" in summary["dc_step"]
         assert np.load(out / "posterior_mean.npy").shape == (16, 16) and (out / "reconstruction.png").stat().st_size > 0
         assert np.load(out / "l1_wavelet.npy").shape == (16, 16) and np.load(out / "samples.npy").shape == (2, 16, 16)
     np.save(tmp_path / "single.npy", k[0])

@@ -333,3 +333,30 @@ def test_mmps_with_gmres_solves_the_non_symmetric_system_of_a_learned_jacobian()
         assert float((cg[i].reshape(-1) - ref).norm() / scale) > 1e-6
     with pytest.raises(ValueError, match="solver"):
         MMPSDenoiser(denoiser, y, A, 0.05, solver="lu")
+
+
+def test_the_data_consistency_step_is_gaussian_conditioning():
+    """x_dc = x_hat + tau^2 A^T (sigma^2 I + tau^2 A A^T)^-1 (y - A x_hat): the posterior mean under N(x_hat, tau^2 I),
+    against the dense formula; tau -> infinity on a mask is the hard projection onto the observed pixels."""
+    from diffem.operators import Mask, Projection
+    from diffem.posterior import data_consistency_step
+
+    g = gen(5)
+    M = torch.randn(3, 2, 5, generator=g, dtype=torch.float64)
+    A = Projection(M)
+    x_hat = torch.randn(3, 5, generator=g, dtype=torch.float64)
+    y = torch.randn(3, 2, generator=g, dtype=torch.float64)
+    tau, sigma = torch.tensor([0.5, 1.0, 2.0], dtype=torch.float64), 0.1
+    out = data_consistency_step(x_hat, y, A, sigma, tau, maxiter=2)
+    for i in range(3):
+        K = sigma**2 * torch.eye(2, dtype=torch.float64) + tau[i] ** 2 * M[i] @ M[i].T
+        ref = x_hat[i] + tau[i] ** 2 * M[i].T @ torch.linalg.solve(K, y[i] - M[i] @ x_hat[i])
+        torch.testing.assert_close(out[i], ref, rtol=1e-9, atol=1e-9)
+    mask = torch.rand(2, 1, 4, 4, generator=g) < 0.5
+    B = Mask(mask, channels=1)
+    x_hat = torch.randn(2, 1, 4, 4, generator=g, dtype=torch.float64)
+    y = torch.randn(2, 1, 4, 4, generator=g, dtype=torch.float64) * mask
+    hard = data_consistency_step(x_hat, y, B, 1e-6, 1e3, maxiter=1)
+    torch.testing.assert_close(hard, torch.where(mask, y, x_hat), rtol=1e-8, atol=1e-8)
+    with pytest.raises(ValueError, match="tau"):
+        data_consistency_step(x_hat, y, B, 0.1, 0.0)

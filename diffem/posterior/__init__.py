@@ -34,6 +34,7 @@ from typing import Callable
 from torch import Tensor, nn
 
 from ..operators import LinearOperator
+from .dc import data_consistency_step
 from .diffpir import DiffPIRDenoiser
 from .dps import DPSGuidance
 from .mmps import COVARIANCES, MMPSDenoiser
@@ -47,6 +48,7 @@ __all__ = [
     "DPSGuidance",
     "DiffPIRDenoiser",
     "MMPSDenoiser",
+    "data_consistency_step",
     "PiGDMGuidance",
     "TMPDDenoiser",
     "make_posterior",
