@@ -266,7 +266,10 @@ def write_figure(profile: str, path: Path) -> None:
     for r in found:
         ax.scatter(r["projected_s"] / 60, r["fid"], color="C0" if r["preset"] == "cpu" else "C1")
         ax.annotate(r["name"], (r["projected_s"] / 60, r["fid"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
-    ax.axvline(search["budget_min"], color="gray", linestyle="--", linewidth=1)
+    ax.axvline(search["budget_min"], color="gray", linestyle="--", linewidth=1, label=f"budget {search['budget_min']} min")
+    for preset, colour in (("cpu", "C0"), ("tiny", "C1")):
+        ax.scatter([], [], color=colour, label=f"`{preset}` U-Net")
+    ax.legend(fontsize=7, loc="upper right")
     ax.set_xlabel("EM level, projected wall time (min)")
     ax.set_ylabel("oracle FID (last lap)")
     save_figure(fig, path, f"CIFAR-10 `{profile}`: oracle FID against the cost of an EM level")
