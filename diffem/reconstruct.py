@@ -41,7 +41,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .data.mri import read_fastmri_file, resize_images, to_magnitude
+from .data.mri import complex_magnitude, read_fastmri_file, resize_images, to_magnitude
 from .operators import SenseFourier, SubsampledFourier
 from .posterior import data_consistency_step
 from .pipeline import DiffusionPriorPipeline, denoiser_of
@@ -289,6 +289,7 @@ def _kspace_command(pipeline, folder: Path, spec: SamplerSpec, args) -> int:
     plt.close(fig)
     summary = {"prior": str(folder), "input": source, "coils": int(kspace.shape[0]), "mask": mask_source,
                "coil_maps": out["maps_source"],
+               "prior_images": "complex (2 channels)" if out["complex_prior"] else "magnitude (real)",
                "sampled_fraction": out["sampled_fraction"], "resolution": note, "sampler": _describe(spec),
                "noise_std_kspace": out["noise_std"], "noise_std_source": "--noise-std" if args.noise_std is not None
                else "estimated from the outer 10 % of k-space (1.4826 MAD)", "samples": args.samples,
@@ -321,10 +322,13 @@ def reconstruct_command(args) -> int:
 
     pipeline, folder = _load_prior(Path(args.prior_dir))
     event = tuple(pipeline.event_shape)
-    if len(event) != 3 or event[0] != 1:
-        raise ValueError(f"{folder}: the prior's samples have shape {event}: not an MRI prior (expected (1, S, S))")
+    kspace = getattr(args, "kspace", None) is not None
+    if len(event) != 3 or event[0] not in ((1, 2) if kspace else (1,)):
+        raise ValueError(f"{folder}: the prior's samples have shape {event}: not an MRI prior (expected (1, S, S)"
+                         + (", or (2, S, S) complex images" if kspace else "; complex priors (2, S, S) take --kspace")
+                         + ")")
     spec = _sampler(folder, args)
-    if getattr(args, "kspace", None) is not None:
+    if kspace:
         return _kspace_command(pipeline, folder, spec, args)
     x, source = _read_input(args, event[-1])
     noise = 1e-2 if args.noise_std is None else args.noise_std
@@ -485,8 +489,11 @@ def reconstruct_kspace(pipeline, kspace: np.ndarray, mask: np.ndarray | None = N
     (sigpy's ``mri.app.EspiritCalib``; 1 for one coil) unless ``maps`` are given. Units: the
     zero-filled SENSE image's largest magnitude (``peak``) is 1, mapped to the prior's [-2, 2]
     (:math:`y' = 4 y / peak - 2 A 1`); :math:`\sigma_y` is estimated from the outer k-space
-    (:func:`estimate_noise_std`) unless given (k-space units). The prior models a real image: an
-    image phase that the maps do not absorb is left in the residual (its data consistency says how much).
+    (:func:`estimate_noise_std`) unless given (k-space units). A magnitude prior ``(1, S, S)`` models a
+    real image: the zero-filled image's phase is absorbed into the maps, and what phase they do not
+    absorb is left in the residual (its data consistency says how much). A complex prior ``(2, S, S)``
+    (``data.complex``) models the phase itself: the maps stay ESPIRiT's, and the images are
+    :math:`x = 2 y / peak`-scaled complex images (magnitudes shown).
 
     With ``dc_step`` (and >= 2 samples) the posterior mean also goes through a final data-consistency
     step (:func:`diffem.posterior.data_consistency_step`, 8 CG iterations): conditioned on ``y`` under
@@ -503,8 +510,10 @@ def reconstruct_kspace(pipeline, kspace: np.ndarray, mask: np.ndarray | None = N
     import sigpy.mri
 
     event = tuple(pipeline.event_shape)
-    if len(event) != 3 or event[0] != 1 or event[1] != event[2]:
-        raise ValueError(f"the prior's samples have shape {event}: not an MRI prior (expected (1, S, S))")
+    if len(event) != 3 or event[0] not in (1, 2) or event[1] != event[2]:
+        raise ValueError(f"the prior's samples have shape {event}: not an MRI prior (expected (1, S, S) magnitude "
+                         "or (2, S, S) complex images)")
+    complex_prior = event[0] == 2
     s = event[-1]
     full_mask = np.abs(kspace).sum(0) > 0 if mask is None else np.asarray(mask, dtype=bool)
     if full_mask.shape != kspace.shape[1:]:
@@ -525,21 +534,26 @@ def reconstruct_kspace(pipeline, kspace: np.ndarray, mask: np.ndarray | None = N
         if not np.abs(maps).max() > 0:  # too small a calibration region: the coils' own low-resolution images
             maps = coil / np.sqrt((np.abs(coil) ** 2).sum(0, keepdims=True)).clip(1e-12)
             maps_source = "the coil images over their root sum of squares (ESPIRiT found no map at this size)"
-    if maps_source != "given":
-        # The prior models a real (magnitude) image: absorb the phase of the zero-filled SENSE image into the
+    if maps_source != "given" and not complex_prior:
+        # A magnitude prior models a real image: absorb the phase of the zero-filled SENSE image into the
         # maps, so that the image they combine to is real and non-negative (a smooth phase, estimated from the
         # centre of k-space, which the calibration region samples fully).
         phase = np.exp(1j * np.angle((np.conj(maps) * coil).sum(0)))
         maps = maps * phase[None]
         maps_source += ", image phase absorbed"
+    elif maps_source != "given":
+        maps_source += ", the image phase left to the complex prior"
     maps_t = torch.from_numpy(np.ascontiguousarray(maps)).to(torch.complex64)[None]
-    A = SenseFourier(torch.from_numpy(m)[None], maps_t)
+    A = SenseFourier(torch.from_numpy(m)[None], maps_t, complex_images=complex_prior)
     y = torch.from_numpy(np.stack([k.real, k.imag], axis=1).astype(np.float32))[None]  # (1, C, 2, S, S)
     peak = float(np.abs((np.conj(maps) * coil).sum(0)).max())  # of the zero-filled SENSE image
     if not peak > 0:
         raise ValueError("the k-space is empty (its zero-filled image is 0)")
-    y_prior = 4 * y / peak - 2 * A(torch.ones(1, *event))
-    sigma_prior = 4 * sigma / peak
+    if complex_prior:  # x = 2 m e^{i phi} (diffem.data.mri.complex_images): no offset, half the magnitude scale
+        y_prior, sigma_prior = 2 * y / peak, 2 * sigma / peak
+    else:
+        y_prior, sigma_prior = 4 * y / peak - 2 * A(torch.ones(1, *event)), 4 * sigma / peak
+    show = (lambda x: complex_magnitude(x.float())[:, 0]) if complex_prior else _magnitude
     spec = spec or SamplerSpec(method="ddpm", steps=64, maxiter=1)
     spec = dataclasses.replace(spec, noise_std=None)
     reps = torch.zeros(int(samples), dtype=torch.long)
@@ -552,7 +566,10 @@ def reconstruct_kspace(pipeline, kspace: np.ndarray, mask: np.ndarray | None = N
         tau = float(draws.var(0).mean().sqrt().clamp_min(1e-6))
         mean_dc = data_consistency_step(mean, y_prior, A, sigma_prior, tau, maxiter=8)
     l1 = sigpy.mri.app.L1WaveletRecon(k, maps, 0.005, weights=m.astype(np.float32)[None], show_pbar=False).run()
-    l1_prior = torch.from_numpy(np.real(l1).astype(np.float32))[None, None] * (4 / peak) - 2
+    if complex_prior:
+        l1_prior = torch.from_numpy(np.stack([l1.real, l1.imag]).astype(np.float32))[None] * (2 / peak)
+    else:
+        l1_prior = torch.from_numpy(np.real(l1).astype(np.float32))[None, None] * (4 / peak) - 2
 
     def consistency(x: Tensor) -> list[float]:
         r = (A(x) - y_prior).flatten(3).norm(dim=-1).square().sum(-1).sqrt()[0]  # (C,)
@@ -562,15 +579,15 @@ def reconstruct_kspace(pipeline, kspace: np.ndarray, mask: np.ndarray | None = N
     norm = y_prior.flatten(3).norm(dim=-1).square().sum(-1).sqrt()[0]
     floor = (sigma_prior * float(np.sqrt(2 * m.sum())) / norm).tolist()
     zero_filled = A.sense_combination(y_prior)
-    magnitudes = _magnitude(draws)
+    magnitudes = show(draws)
     return {
-        "mean": _magnitude(mean)[0], "std": magnitudes.std(0) if samples > 1 else torch.zeros_like(magnitudes[0]),
-        "samples": magnitudes, "zero_filled": _magnitude(zero_filled)[0], "l1_wavelet": _magnitude(l1_prior)[0],
+        "mean": show(mean)[0], "std": magnitudes.std(0) if samples > 1 else torch.zeros_like(magnitudes[0]),
+        "samples": magnitudes, "zero_filled": show(zero_filled)[0], "l1_wavelet": show(l1_prior)[0],
         "mask": torch.from_numpy(m), "maps": maps, "maps_source": maps_source, "noise_std": sigma, "peak": peak,
         "data_consistency": {"posterior_mean": consistency(mean), "zero_filled": consistency(zero_filled),
                              "l1_wavelet": consistency(l1_prior)}
         | ({"posterior_mean_dc": consistency(mean_dc)} if mean_dc is not None else {}),
-        "mean_dc": None if mean_dc is None else _magnitude(mean_dc)[0], "dc_tau": tau,
+        "mean_dc": None if mean_dc is None else show(mean_dc)[0], "dc_tau": tau, "complex_prior": complex_prior,
         "noise_floor": floor, "resolution": {"prior": s, "grid": list(kspace.shape[1:])},
         "sampled_fraction": float(full_mask.mean()),
     }
