@@ -41,7 +41,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .data.mri import complex_magnitude, read_fastmri_file, resize_images, to_magnitude
+from .data.mri import (centred_ifft2, complex_magnitude, images_from_kspace, read_fastmri_file, resize_images,
+                       to_magnitude)
 from .operators import SenseFourier, SubsampledFourier
 from .posterior import data_consistency_step
 from .pipeline import DiffusionPriorPipeline, denoiser_of
@@ -59,31 +60,16 @@ def _magnitude(x: Tensor) -> Tensor:
     return to_magnitude(x.float())[:, 0]
 
 
-def _centred_ifft2(k: np.ndarray) -> np.ndarray:
-    return np.fft.fftshift(np.fft.ifft2(np.fft.ifftshift(k, axes=(-2, -1)), norm="ortho"), axes=(-2, -1))
-
-
 def magnitudes_from_kspace(kspace: np.ndarray, crop: int | None = 320) -> np.ndarray:
     r"""Magnitude images ``(N, c, c)`` of fully sampled k-space ``(N, H, W)``: :math:`|\mathrm{IFFT2c}(k)|`,
     centre-cropped to ``c = min(crop, H, W)`` (how fastMRI's 320x320 reconstructions are made), or
-    ``(N, H, W)`` uncropped with ``crop=None`` (what ``diffem reconstruct --h5`` uses: one resize policy).
+    ``(N, H, W)`` uncropped with ``crop=None`` (what ``diffem reconstruct --h5`` uses: one resize policy);
+    :func:`diffem.data.mri.images_from_kspace` gives the complex images.
 
     Raises:
         ValueError: if ``kspace`` is not a finite complex array of shape ``(N, H, W)``.
     """
-    if not np.iscomplexobj(kspace):
-        raise ValueError(f"`kspace` must be complex, got dtype {kspace.dtype}")
-    if kspace.ndim != 3:
-        raise ValueError(f"`kspace` must have shape (slices, height, width), got {kspace.shape}")
-    if not np.isfinite(kspace).all():
-        raise ValueError("`kspace` contains NaN or inf values")
-    image = np.abs(_centred_ifft2(kspace))
-    if crop is None:
-        return image.astype(np.float32)
-    h, w = image.shape[-2:]
-    c = min(crop, h, w)
-    top, left = (h - c) // 2, (w - c) // 2
-    return image[:, top:top + c, left:left + c].astype(np.float32)
+    return np.abs(images_from_kspace(kspace, crop)).astype(np.float32)
 
 
 def prepare_slice(magnitude: np.ndarray, peak: float, size: int) -> Tensor:
@@ -522,7 +508,7 @@ def reconstruct_kspace(pipeline, kspace: np.ndarray, mask: np.ndarray | None = N
     k = centre_crop_kspace(kspace * full_mask[None], s)
     m = centre_crop_kspace(full_mask[None].astype(np.complex64), s)[0].real > 0.5
     coils = k.shape[0]
-    coil = _centred_ifft2(k)  # the coils' zero-filled images, (C, S, S)
+    coil = centred_ifft2(k)  # the coils' zero-filled images, (C, S, S)
     maps_source = "given"
     if maps is None and coils == 1:
         maps, maps_source = np.ones((1, s, s), np.complex64), "one coil: sensitivity 1"

@@ -194,3 +194,25 @@ def test_bad_arguments():
         load_brain_slices("validation")
     with pytest.raises(FileNotFoundError):
         load_brain_slices("train", 16, source="/no/such/folder")
+
+
+def test_complex_fastmri_slices_come_from_kspace_with_the_scanner_phase(tmp_path):
+    """data.complex on fastMRI: x = 2 z / max|z| of the centred IFFT of `kspace`, cropped to 320 (here the
+    whole, smaller grid), real and imaginary channels; the magnitude dataset of the same files is untouched."""
+    from diffem.data.mri import centred_ifft2, complex_magnitude, complex_volume
+
+    folder = tmp_path / "knee"
+    folder.mkdir()
+    rng = np.random.default_rng(4)
+    z = (rng.uniform(0, 1, (12, 24, 24)) * np.exp(1j * rng.uniform(-np.pi, np.pi, (12, 24, 24)))).astype(np.complex64)
+    kspace = np.fft.fftshift(np.fft.fft2(np.fft.ifftshift(z, axes=(-2, -1)), norm="ortho"), axes=(-2, -1))
+    write_fastmri(folder / "a.h5", slices=12, side=24, kspace=kspace.astype(np.complex64))
+    np.testing.assert_allclose(centred_ifft2(kspace), z, atol=1e-5)
+    x = images_of(load_fastmri(folder, size=24, cache_dir=tmp_path / "cache", complex_images=True))
+    assert x.shape == (2, 2, 24, 24)
+    kept = z[10:12]
+    expected = 2 * np.stack([kept.real, kept.imag], axis=1) / np.abs(kept).max()
+    torch.testing.assert_close(x, torch.from_numpy(expected.astype(np.float32)), rtol=1e-4, atol=1e-4)
+    assert float(complex_magnitude(x).max()) == pytest.approx(1.0, abs=1e-5)  # magnitudes in [0, 1]
+    assert complex_volume(kspace[10:12], 12).shape == (2, 2, 12, 12)  # resized channel by channel
+    assert images_of(load_fastmri(folder, size=24, cache_dir=tmp_path / "cache")).shape == (2, 1, 24, 24)

@@ -659,3 +659,27 @@ def test_run_sh_trains_the_oracle_and_multicoil_variants_and_reports_them(smoke_
     assert "8 simulated coils" in section
     oracle_row = text.split("how far is it from the oracle?")[1].split("\n| 8 |")[1].splitlines()[0]
     assert fmt(o["accelerations"]["8"]["psnr_posterior_mean"]) in oracle_row
+
+
+def test_complex_fastmri_training_images_are_the_kspace_images(tmp_path):
+    """data.kind fastmri with data.complex: the training images are complex_volume of each file's kspace (the
+    scanner's phase, no synthetic one), the operator takes complex images, and the observations round-trip."""
+    from test_data_mri import write_fastmri
+
+    from diffem.data.mri import complex_volume
+
+    folder = tmp_path / "knee"
+    folder.mkdir()
+    for i in range(2):
+        write_fastmri(folder / f"file{i}.h5", slices=12, side=16, seed=i)
+    task = _task(tmp_path, "data.kind=fastmri", f"data.path={folder}", "data.eval_volumes=1", "data.complex=true",
+                 "data.size=16", "data.observations=2")
+    x = task.clean_images("train")
+    assert task.event_shape == (2, 16, 16) and x.shape == (2, 2, 16, 16)
+    import h5py
+
+    with h5py.File(folder / "file0.h5") as f:
+        kspace = f["kspace"][()]
+    torch.testing.assert_close(x, complex_volume(kspace[10:12], 16))
+    obs = task.observations(tmp_path)
+    assert obs.operator.complex_images and obs.y.shape == (2, 2, 16, 16)

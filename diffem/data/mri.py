@@ -55,6 +55,9 @@ from torch import Tensor
 from ..cache import resolve_cache_dir
 
 __all__ = [
+    "centred_ifft2",
+    "images_from_kspace",
+    "complex_volume",
     "synthetic_phase",
     "complex_images",
     "complex_magnitude",
@@ -267,6 +270,66 @@ def read_fastmri_file(path: str | os.PathLike, key: str = "reconstruction_rss") 
     return array
 
 
+def centred_ifft2(k: np.ndarray) -> np.ndarray:
+    """The centred orthonormal inverse 2-D FFT over the last two axes (k-space centre in the middle)."""
+    return np.fft.fftshift(np.fft.ifft2(np.fft.ifftshift(k, axes=(-2, -1)), norm="ortho"), axes=(-2, -1))
+
+
+def images_from_kspace(kspace: np.ndarray, crop: int | None = 320) -> np.ndarray:
+    r"""Complex images ``(N, c, c)`` of fully sampled single-coil k-space ``(N, H, W)``: :math:`\mathrm{IFFT2c}(k)`,
+    centre-cropped to ``c = min(crop, H, W)`` (how fastMRI's 320x320 reconstructions are made), or
+    ``(N, H, W)`` uncropped with ``crop=None``.
+
+    Raises:
+        ValueError: if ``kspace`` is not a finite complex array of shape ``(N, H, W)``.
+    """
+    if not np.iscomplexobj(kspace):
+        raise ValueError(f"`kspace` must be complex, got dtype {kspace.dtype}")
+    if kspace.ndim != 3:
+        raise ValueError(f"`kspace` must have shape (slices, height, width), got {kspace.shape}")
+    if not np.isfinite(kspace).all():
+        raise ValueError("`kspace` contains NaN or inf values")
+    image = centred_ifft2(kspace)
+    if crop is None:
+        return image
+    h, w = image.shape[-2:]
+    c = min(crop, h, w)
+    top, left = (h - c) // 2, (w - c) // 2
+    return image[:, top:top + c, left:left + c]
+
+
+def complex_volume(kspace: np.ndarray, size: int) -> Tensor:
+    r"""A fastMRI volume's complex images from its k-space, ``(N, 2, size, size)`` (real, imaginary) in [-2, 2].
+
+    :func:`images_from_kspace` (cropped to 320, as fastMRI's own reconstructions), normalised by the
+    volume's largest magnitude and scaled as :func:`complex_images` scales them, :math:`x = 2 z / \max |z|`
+    (magnitude in [0, 2], the phase the scanner's), and resized channel by channel when not ``size``.
+
+    Raises:
+        ValueError: for k-space that is not finite complex ``(N, H, W)``, or all zero.
+    """
+    z = images_from_kspace(kspace)
+    peak = float(np.abs(z).max())
+    if not peak > 0:
+        raise ValueError("`kspace` is all zero")
+    x = torch.from_numpy(np.stack([z.real, z.imag], axis=1).astype(np.float32)) * (2.0 / peak)
+    n, _, c, _ = x.shape
+    if c != size:
+        x = resize_images(x.reshape(2 * n, c, c), size).reshape(n, 2, size, size)
+    return x
+
+
+def _fastmri_complex_rows(files: Sequence[str], size: int):
+    lo, hi = FASTMRI_SLICES
+    for file in files:
+        kspace = read_fastmri_file(file, "kspace")
+        if kspace.shape[0] <= lo:
+            continue
+        x = complex_volume(kspace[lo:hi], size)
+        for k in range(len(x)):
+            yield {"x": x[k].numpy(), "volume": Path(file).stem, "orientation": 0, "slice": lo + k}
+
+
 def _fastmri_rows(files: Sequence[str], size: int):
     lo, hi = FASTMRI_SLICES
     for file in files:
@@ -281,12 +344,12 @@ def _fastmri_rows(files: Sequence[str], size: int):
             yield {"x": x[k][None].numpy(), "volume": Path(file).stem, "orientation": 0, "slice": lo + k}
 
 
-def _features(size: int):
+def _features(size: int, channels: int = 1):
     import datasets
 
     return datasets.Features(
         {
-            "x": datasets.Array3D(shape=(1, size, size), dtype="float32"),
+            "x": datasets.Array3D(shape=(channels, size, size), dtype="float32"),
             "volume": datasets.Value("string"),
             "orientation": datasets.Value("int32"),
             "slice": datasets.Value("int32"),
@@ -337,8 +400,12 @@ def load_fastmri(
     size: int = 320,
     files: Sequence[str] | None = None,
     cache_dir: str | os.PathLike | None = None,
+    complex_images: bool = False,
 ):
     """fastMRI single-coil knee slices as a ``datasets.Dataset`` (columns: see the module docstring).
+
+    With ``complex_images`` the ``x`` column holds ``(2, size, size)`` complex images from each file's
+    ``kspace`` (:func:`complex_volume`: the scanner's own phase) instead of its ``reconstruction_rss``.
 
     Every ``*.h5`` file of ``folder`` (sorted by name; or the given ``files`` names inside it)
     contributes its slices ``10 .. 39`` of ``reconstruction_rss``, normalised per volume by
@@ -361,8 +428,11 @@ def load_fastmri(
     for p in paths:
         if not p.is_file():
             raise FileNotFoundError(f"fastMRI file not found: {p}")
-    target = resolve_cache_dir(cache_dir) / "mri" / f"fastmri-{_fingerprint('fastmri', paths, size=size)}"
-    ds = _build(target, _fastmri_rows, {"files": tuple(str(p) for p in paths), "size": int(size)}, _features(size))
+    tag = "fastmri-complex" if complex_images else "fastmri"
+    target = resolve_cache_dir(cache_dir) / "mri" / f"{tag}-{_fingerprint(tag, paths, size=size)}"
+    rows = _fastmri_complex_rows if complex_images else _fastmri_rows
+    ds = _build(target, rows, {"files": tuple(str(p) for p in paths), "size": int(size)},
+                _features(size, 2 if complex_images else 1))
     if len(ds) == 0:
         raise ValueError(f"no fastMRI volume of {folder} has more than {FASTMRI_SLICES[0]} slices")
     return ds

@@ -171,9 +171,10 @@ class MriTask(Task):
     ``observations`` (null: all training slices), ``duplicate``, ``acceleration``,
     ``noise_std``, ``seed``, ``eval_accelerations``, ``eval_slices``, ``posterior_samples``,
     ``posterior_method``, ``posterior_steps``, ``posterior_maxiter``, ``posterior_batch_size``,
-    ``shift`` (M-step augmentation), ``cache_dir``, ``complex`` (complex images with a synthetic
-    smooth phase, :func:`diffem.data.mri.synthetic_phase` of scale ``phase_scale``, as two
-    channels), ``coils`` (1: single coil; more: SENSE with simulated birdcage maps,
+    ``shift`` (M-step augmentation), ``cache_dir``, ``complex`` (complex images as two channels:
+    on the brains with a synthetic smooth phase, :func:`diffem.data.mri.synthetic_phase` of scale
+    ``phase_scale``; on fastMRI from each file's ``kspace`` with the scanner's own phase,
+    :func:`diffem.data.mri.complex_volume`), ``coils`` (1: single coil; more: SENSE with simulated birdcage maps,
     :func:`diffem.data.mri.simulated_coil_maps`). ``network`` options: ``preset``
     (:data:`diffem.networks.UNSHUFFLE_PRESETS`) and any preset override.
     """
@@ -196,7 +197,9 @@ class MriTask(Task):
         """The model card's description of MRI observations (:meth:`Task.card_facts <diffem.tasks.Task.card_facts>`)."""
         size, R, sigma = data.get("size"), data.get("acceleration"), data.get("noise_std")
         complex_images, coils = bool(data.get("complex")), int(data.get("coils") or 1)
-        source = ("the offline brain volumes" if data.get("kind") == "brain"
+        fastmri = data.get("kind") == "fastmri"
+        source = ("the offline brain volumes" if not fastmri
+                  else "fastMRI single-coil knee slices (complex images from `kspace`)" if complex_images
                   else "fastMRI single-coil knee `reconstruction_rss` slices")
         return dict(
             datasets=[], pipeline_tag="unconditional-image-generation", task_type="unconditional-image-generation",
@@ -205,7 +208,7 @@ class MriTask(Task):
             event=(f"(2, {size}, {size}) complex images (real, imaginary) with magnitude in [0, 2]" if complex_images
                    else f"(1, {size}, {size}) magnitude images in [-2, 2]"),
             corruption=(f"{observations} MRI slices of {source}, {size}x{size} pixels"
-                        + (" with a synthetic smooth phase" if complex_images else "")
+                        + (" with a synthetic smooth phase" if complex_images and not fastmri else "")
                         + (f", each observed through {coils} simulated coils as y_c = M (FFT2c(S_c x) + sigma_y e_c)"
                            if coils > 1 else ", each observed as y = M (FFT2c(x) + sigma_y e)")
                         + f": a random column mask M of acceleration R = {fmt(R)} "
@@ -256,9 +259,6 @@ class MriTask(Task):
         ps = d["phase_scale"]
         if isinstance(ps, bool) or not isinstance(ps, (int, float)) or not ps >= 0:
             raise ConfigError(f"config key `data.phase_scale` must be a number >= 0 (radians), got {ps!r}")
-        if d["complex"] and d["kind"] == "fastmri":
-            raise ConfigError("config key `data.complex`: complex images come from the offline brains with a synthetic "
-                              "phase (data.kind: brain); complex fastMRI slices from `kspace` are not supported yet")
         if d["observations"] is not None:
             integer("observations", 2)
         for key in ("acceleration", "noise_std", "min_foreground"):
@@ -340,14 +340,15 @@ class MriTask(Task):
         d = self.data
         if d["eval_path"] is not None:
             folder = d["eval_path"] if split == "test" else d["path"]
-            return mri.load_fastmri(folder, self.size, cache_dir=d["cache_dir"])
+            return mri.load_fastmri(folder, self.size, cache_dir=d["cache_dir"], complex_images=self.complex_images)
         files = sorted(p.name for p in Path(d["path"]).expanduser().glob("*.h5"))
         k = int(d["eval_volumes"])
         if len(files) <= k:
             raise ConfigError(f"config key `data.eval_volumes`: {k} held-out volumes leave no training volume "
                               f"among the {len(files)} files of `{d['path']}` (or set `data.eval_path`)")
         chosen = files[-k:] if split == "test" else files[:-k]
-        return mri.load_fastmri(d["path"], self.size, files=chosen, cache_dir=d["cache_dir"])
+        return mri.load_fastmri(d["path"], self.size, files=chosen, cache_dir=d["cache_dir"],
+                                complex_images=self.complex_images)
 
     def clean_images(self, split: str) -> Tensor:
         """Clean images ``(N, 1, S, S)`` in [-2, 2]: the observed training slices (``"train"``,
@@ -366,7 +367,9 @@ class MriTask(Task):
                 raise ConfigError(f"config key `data.observations`: {n} requested, only {len(ds)} training slices")
             idx = np.arange(n)
         x = images_of(ds.select(idx.tolist()))
-        return self._with_phase(x, split, idx) if self.complex_images else x
+        if self.complex_images and self.data["kind"] == "brain":  # fastMRI's complex images carry their own phase
+            return self._with_phase(x, split, idx)
+        return x
 
     def _with_phase(self, x: Tensor, split: str, idx) -> Tensor:
         """Complex images ``(N, 2, S, S)``: slice ``idx[k]`` of ``split`` gets its own synthetic phase, seeded
